@@ -1,0 +1,1 @@
+"""Data sources named by purpose. `data.toy` holds the bundled toy datasets (nothing is downloaded)."""

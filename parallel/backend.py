@@ -1,0 +1,55 @@
+"""The small surface every backend implements (DESIGN.md "parallel/"). Methods never touch it; it never knows
+which method runs. `build_backend` picks the implementation named by `parallel.backend` in the recipe."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class Backend:
+    """Owns the roles' placement, optimizers, EMA and gradient reduction.
+
+    build_context(role)      context to build a role in (meta device / zero.Init in sharded backends)
+    wrap(role, module)       place a role (shard, replicate); returns the module to call
+    frozen(*roles)           context: parameters of those roles do not require grad (input grads still flow)
+    backward(loss, roles)    one backward; reduce the roles' gradients across data-parallel ranks
+    clip_and_step(roles)     clip each role's gradient, step its optimizer; returns {role: norm} device tensors
+    ema_update()             update the generator's fp32 EMA from its fp32 master weights
+    full_state(role)         full (unsharded) state dict of a role; called on all ranks
+    """
+
+    def build_context(self, role: str):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def frozen(self, modules: list[nn.Module]) -> Iterator[None]:
+        """Freeze parameters (never `no_grad`: ADM backprops through the fake score and the teacher backbone)."""
+        saved = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+        for p, _ in saved:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in saved:
+                p.requires_grad_(flag)
+
+
+def build_backend(name: str, dist_info, **kwargs) -> Backend:
+    if name == "data_parallel":
+        from parallel.data_parallel import DataParallelBackend
+        return DataParallelBackend(dist_info, **kwargs)
+    raise ValueError(f"unknown parallel backend '{name}'")
+
+
+def warmup_lambda(warmup_steps: int):
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def make_optimizer(params, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (DMD2: betas (0.9, 0.999), weight decay 0.01) with a linear warm-up then constant LR."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                            foreach=True)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.warmup_steps))

@@ -1,0 +1,82 @@
+"""Plain data parallel: every rank holds every role; gradients of the updated roles are all-reduced in `backward`.
+
+No DDP wrapper: its reducer expects the same parameters to get gradients every iteration and breaks when roles are
+frozen between phases. One flattened all-reduce per backward (one collective, not one per tensor).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.backend import Backend, make_optimizer
+
+
+class DataParallelBackend(Backend):
+    def __init__(self, dist_info, grad_clip: float = 10.0, ema_decay: float = 0.999):
+        self.dist = dist_info
+        self.grad_clip, self.ema_decay = grad_clip, ema_decay
+        self.modules: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+        self.ema: nn.Module | None = None
+
+    def wrap(self, role: str, module: nn.Module, trainable: bool = True) -> nn.Module:
+        module = module.to(self.dist.device)
+        if not trainable:
+            module.requires_grad_(False).eval()
+        elif self.dist.world_size > 1:
+            # every rank must start from identical weights: rank 0's are broadcast (one collective per tensor,
+            # at start-up only)
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(tensor.data, src=0)
+        self.modules[role] = module
+        return module
+
+    def setup_optimizer(self, role: str, cfg) -> None:
+        self.optimizers[role], self.schedulers[role] = make_optimizer(self.modules[role].parameters(), cfg)
+
+    def setup_ema(self, role: str = "generator") -> nn.Module:
+        self.ema = copy.deepcopy(self.modules[role]).requires_grad_(False).float()
+        return self.ema
+
+    def backward(self, loss: torch.Tensor, roles: tuple[str, ...]) -> None:
+        loss.backward()
+        if self.dist.world_size == 1:
+            return
+        grads = [p.grad for r in roles for p in self.modules[r].parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        # mean over ranks of per-rank means = mean over the global batch (equal local batches)
+        dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def clip_and_step(self, roles: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        norms = {}
+        for role in roles:
+            params = [p for p in self.modules[role].parameters() if p.grad is not None]
+            # returns the pre-clip total norm as a device tensor: no host sync here
+            norms[role] = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
+            self.optimizers[role].step()
+            self.schedulers[role].step()
+            self.optimizers[role].zero_grad(set_to_none=True)
+        return norms
+
+    @torch.no_grad()
+    def ema_update(self, role: str = "generator") -> None:
+        ema_params = list(self.ema.parameters())
+        params = [p.float() for p in self.modules[role].parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.ema_decay)
+
+    def full_state(self, role: str) -> dict[str, torch.Tensor]:
+        module = self.ema if role == "ema" else self.modules[role]
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    def lr(self, role: str) -> float:
+        return self.optimizers[role].param_groups[0]["lr"]

@@ -1,0 +1,137 @@
+"""End to end on the smoke recipe through the real CLI: stages, outputs, sampling, SIGKILL and resume."""
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import ROOT, SMOKE
+
+ENV = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+KILL_STEPS = "distill.train.steps=60"   # long enough to kill mid-run; every run of this module uses it
+
+
+def command(run_dir, *extra):
+    return [sys.executable, "-m", "trainer.main", SMOKE, f"run.dir={run_dir}", KILL_STEPS, *extra]
+
+
+def run(run_dir, env=ENV, timeout=240):
+    result = subprocess.run(command(run_dir), capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = run(run_dir)
+    return run_dir, result
+
+
+def final_weights(run_dir):
+    return {name: load_file(os.path.join(run_dir, "distill", name))
+            for name in ("student.safetensors", "generator.safetensors")}
+
+
+def assert_same_weights(a, b):
+    wa, wb = final_weights(a), final_weights(b)
+    for name in wa:
+        assert wa[name].keys() == wb[name].keys()
+        for key in wa[name]:
+            assert torch.equal(wa[name][key], wb[name][key]), f"{name}:{key} differs"
+
+
+def test_smoke_outputs(reference):
+    run_dir, result = reference
+    for path in ("config.yaml", "teacher/teacher.safetensors", "distill/student.safetensors",
+                 "distill/teacher_ref.json", "evaluate/metrics.json", "evaluate/student_samples.png"):
+        assert (run_dir / path).is_file(), path
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    for who in ("student", "teacher"):
+        assert {"fd", "precision", "recall", "class_accuracy"} <= metrics[who].keys()
+        assert np.isfinite(metrics[who]["fd"])
+    assert "student FD" in result.stdout and str(run_dir) in result.stdout
+    tb_files = [f for _, _, files in os.walk(run_dir / "distill" / "tb") for f in files if "tfevents" in f]
+    assert tb_files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir / "distill" / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("loss/fake_score", "loss/generator", "loss/discriminator", "grad_norm/generator",
+                "grad_norm/heads", "lr/generator", "throughput/samples_per_second", "throughput/step_seconds",
+                "metrics/logits_real", "metrics/logits_fake"):
+        assert tag in tags, tag
+
+
+def test_rerun_of_finished_run_skips_every_stage(reference):
+    run_dir, _ = reference
+    before = (run_dir / "distill" / "student.safetensors").stat().st_mtime_ns
+    result = run(run_dir)
+    assert result.stdout.count("done already") == 3
+    assert (run_dir / "distill" / "student.safetensors").stat().st_mtime_ns == before
+
+
+def test_sample_cli(reference, tmp_path):
+    run_dir, _ = reference
+    out = tmp_path / "s.npz"
+    args = [sys.executable, "-m", "trainer.sample", str(run_dir), "--num", "12", "--out", str(out), "--seed", "3"]
+    subprocess.run(args, check=True, env=ENV, cwd=ROOT, capture_output=True, timeout=120)
+    data = np.load(out)
+    assert data["samples"].shape == (12, 64) and data["samples"].dtype == np.float32
+    assert data["labels"].dtype == np.int64 and list(data["labels"][:3]) == [0, 1, 2]
+    # same seed, same samples; another seed, other samples; --steps changes the sampler
+    again = tmp_path / "t.npz"
+    subprocess.run(args[:-4] + ["--out", str(again), "--seed", "3"], check=True, env=ENV, cwd=ROOT, timeout=120,
+                   capture_output=True)
+    assert np.array_equal(np.load(again)["samples"], data["samples"])
+    bad = subprocess.run([sys.executable, "-m", "trainer.sample", str(tmp_path), "--num", "2", "--out", str(out)],
+                         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:")
+
+
+def wait_for(predicate, proc, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, "the run ended before the kill point"
+        time.sleep(0.02)
+    raise TimeoutError
+
+
+def test_sigkill_midway_then_rerun_equals_uninterrupted(reference, tmp_path):
+    ref_dir, _ = reference
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(command(run_dir), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = run_dir / "distill" / "checkpoints" / "latest"
+    wait_for(lambda: latest.is_file() and latest.read_text() >= "step_0000020", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "distill" / "student.safetensors").exists()
+    result = run(run_dir)
+    resumed_at = re.search(r"\[distill:adm\] resumed at step (\d+)", result.stdout)
+    assert resumed_at and 20 <= int(resumed_at.group(1)) < 60, result.stderr[-2000:]
+    assert_same_weights(ref_dir, run_dir)
+
+
+def test_sigkill_during_checkpoint_write_resumes_from_last_complete(reference, tmp_path):
+    ref_dir, _ = reference
+    run_dir = tmp_path / "run"
+    env = dict(ENV, DMDX_FAULT_SLEEP_IN_CHECKPOINT_WRITE="60:distill/checkpoints/step_0000020")
+    proc = subprocess.Popen(command(run_dir), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = run_dir / "distill" / "checkpoints" / "tmp-step_0000020"
+    wait_for(lambda: (partial / "state.pt").is_file(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run_dir / "distill" / "checkpoints" / "latest").read_text() == "step_0000010"
+    result = run(run_dir)
+    assert "[distill:adm] resumed at step 10" in result.stdout
+    assert not partial.exists()        # the interrupted write was cleaned up
+    assert_same_weights(ref_dir, run_dir)

@@ -1,0 +1,38 @@
+"""Small builders shared by tests: a tiny toy recipe with a random teacher saved to a temp dir."""
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from parallel.distributed import DistInfo
+from trainer.config import load_recipe
+from trainer.families import build_family
+from trainer.stages import build_distill_trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "recipes", "tiny", "toy_smoke.yaml")
+SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def tiny_recipe(tmp_path, *overrides):
+    run_dir = str(tmp_path / "run")
+    return load_recipe(SMOKE, [f"run.dir={run_dir}", "family.hidden=32", "distill.train.batch_size=8",
+                               *overrides])
+
+
+def random_teacher(tmp_path, recipe, seed=0) -> str:
+    torch.manual_seed(seed)
+    net = build_family(recipe).build_denoiser()
+    path = str(tmp_path / "teacher.safetensors")
+    save_file(net.state_dict(), path)
+    return path
+
+
+def distill_trainer(tmp_path, *overrides):
+    """A DistillTrainer over a random teacher (teacher.pretrained), built but not run."""
+    recipe = tiny_recipe(tmp_path, *overrides)
+    path = random_teacher(tmp_path, recipe)
+    recipe = tiny_recipe(tmp_path, f"teacher.pretrained={path}", "stages=[distill]", *overrides)
+    return build_distill_trainer(recipe, recipe.run.dir, SINGLE)

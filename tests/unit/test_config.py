@@ -1,0 +1,103 @@
+"""Recipes: base inheritance, overrides, and the one-line errors (exit 2, no traceback) for bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT, SMOKE
+from trainer.config import RecipeError, load_recipe
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    base = write(tmp_path, "base.yaml", "run: {dir: a, seed: 3}\ndistill:\n  train: {steps: 7, batch_size: 4}\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\ndistill:\n  train: {steps: 9}\n")
+    r = load_recipe(child, ["distill.method.name=dmd2", "distill.method.ttur=3", "run.seed=11"])
+    assert r.run.dir == "a" and r.run.seed == 11
+    assert r.distill.train.steps == 9 and r.distill.train.batch_size == 4
+    assert r.distill.method.name == "dmd2" and r.distill.method.ttur == 3
+
+
+def test_shipped_recipes_validate():
+    for folder, _, files in os.walk(os.path.join(ROOT, "recipes")):
+        for name in files:
+            if name.endswith(".yaml"):
+                load_recipe(os.path.join(folder, name))
+
+
+CASES = {
+    "unknown key": ("run: {dir: x}\ndistill:\n  train: {stepz: 5, batch_size: 2}\n", [], "distill.train.stepz",
+                    "did you mean 'steps'"),
+    "wrong type": ("run: {dir: x}\ndistill:\n  train: {steps: many, batch_size: 2}\n", [], "distill.train.steps",
+                   "valid integer"),
+    "missing base file": ("base: nowhere.yaml\nrun: {dir: x}\n", [], "base", "not found"),
+    "bad override syntax": ("run: {dir: x}\n", ["distill.train.steps"], "distill.train.steps", "key=value"),
+    "override unknown key": ("run: {dir: x}\n", ["distill.method.guidance=3"], "distill.method.guidance",
+                             "guidance_scale"),
+    "override wrong type": ("run: {dir: x}\n", ["teacher.train.steps=[1,2]"], "teacher.train.steps", "integer"),
+    "impossible combination": ("run: {dir: x}\nfamily: {dataset: grid25}\ndistill:\n  method: {name: adm, "
+                               "guidance_scale: 3.0}\n", [], "distill.method.guidance_scale", "unconditional"),
+    "unknown method": ("run: {dir: x}\ndistill:\n  method: {name: gan}\n", [], "distill.method", "dmd"),
+    "missing required": ("family: {dataset: digits}\n", [], "run", "missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_errors_name_file_key_and_hint(tmp_path, case):
+    text, overrides, key, fragment = CASES[case]
+    path = write(tmp_path, "r.yaml", text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides)
+    message = str(info.value)
+    assert key in message and fragment in message, message
+    assert "\n" not in message
+    assert ("command line" in message) if overrides and "override" in case else (str(tmp_path) in message)
+
+
+def test_missing_recipe_file():
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe("/nonexistent/recipe.yaml")
+
+
+def test_error_names_the_base_file_that_set_the_key(tmp_path):
+    write(tmp_path, "base.yaml", "run: {dir: x}\nteacher:\n  train: {steps: -4, batch_size: 2}\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(child)
+    assert str(info.value).startswith(str(tmp_path / "base.yaml")) and "teacher.train.steps" in str(info.value)
+
+
+def run_cli(*args, cwd=ROOT):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "trainer.main", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=120)
+
+
+def test_cli_exit_2_one_line_no_traceback(tmp_path):
+    """Each malformed input through the real entry point: exit 2, one line on stderr, no traceback, no run dir."""
+    bad = write(tmp_path, "bad.yaml", f"run: {{dir: {tmp_path}/run}}\ndistill:\n  train: {{stepz: 1, batch_size: 2}}\n")
+    wrong = write(tmp_path, "wrong.yaml", f"run: {{dir: {tmp_path}/run}}\nteacher:\n  train: {{steps: x, batch_size: 2}}\n")
+    for args in ([bad], [wrong], [str(tmp_path / "missing.yaml")], [SMOKE, "distill.train.steps"],
+                 [SMOKE, f"run.dir={tmp_path}/run", "distill.train.steps=-1"]):
+        result = run_cli(*args)
+        assert result.returncode == 2, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_rerun_with_a_different_recipe_is_refused(tmp_path):
+    from trainer.config import dump_recipe
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recipe = load_recipe(SMOKE, [f"run.dir={run_dir}"])
+    (run_dir / "config.yaml").write_text(dump_recipe(recipe))
+    result = run_cli(SMOKE, f"run.dir={run_dir}", "distill.train.steps=3")
+    assert result.returncode == 2 and "different recipe" in result.stderr
+    assert (run_dir / "config.yaml").read_text() == dump_recipe(recipe)   # nothing overwritten

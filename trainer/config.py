@@ -1,0 +1,341 @@
+"""Typed recipes: YAML with `base:` inheritance and dotted `key=value` overrides, validated before any work.
+
+A recipe is read with `yaml.safe_load`, merged over its `base:` chain (paths relative to the file that names them),
+then the command line's `key=value` overrides are applied (values parsed as YAML, so `train.steps=10` is an int).
+pydantic validates types and rejects unknown keys; `check_combinations` rejects settings that cannot work together.
+Every failure raises `RecipeError`, which the CLI prints as ONE line — file, key, problem, hint — and exits 2.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class RecipeError(Exception):
+    """A recipe problem found before any work: formatted as one line `file: key: problem (hint: ...)`."""
+
+    def __init__(self, source: str, key: str, problem: str, hint: str = ""):
+        self.source, self.key, self.problem, self.hint = source, key, problem, hint
+        line = f"{source}: {key}: {problem}" if key else f"{source}: {problem}"
+        super().__init__(line + (f" (hint: {hint})" if hint else ""))
+
+
+class Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ---------------------------------------------------------------------------------------------- sections
+class RunConfig(Section):
+    dir: str = Field(description="run directory: config.yaml, stage folders, checkpoints, tensorboard, samples")
+    seed: int = 0
+
+
+class ToyFamilyConfig(Section):
+    name: Literal["toy"] = "toy"
+    dataset: Literal["digits", "grid25", "grid25u"] = "digits"
+    hidden: int = Field(256, gt=0)
+    depth: int = Field(4, gt=0)
+    time_embed_dim: int = Field(64, gt=0)
+    taps: list[int] = Field(default_factory=lambda: [1, 2, 3], description="block indices whose outputs feed heads")
+
+
+FamilyConfig = Annotated[Union[ToyFamilyConfig], Field(discriminator="name")]
+
+
+class ScheduleConfig(Section):
+    """Noise schedule + the network's native prediction (trainer/schedules.py, trainer/denoiser.py)."""
+    prediction: Literal["eps", "v", "flow"] = "flow"
+    # DDPM (eps / v): betas scaled_linear, optional SNR shift and zero terminal SNR (CogVideoX).
+    beta_start: float = Field(0.00085, gt=0)
+    beta_end: float = Field(0.012, gt=0)
+    snr_shift: float = Field(1.0, gt=0)
+    zero_terminal_snr: bool = False
+    # rectified flow: sigma' = k*sigma / (1 + (k-1)*sigma)
+    shift: float = Field(1.0, gt=0)
+
+
+class OptimizerConfig(Section):
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class TrainConfig(Section):
+    steps: int = Field(gt=0, description="optimizer iterations of this stage")
+    batch_size: int = Field(gt=0, description="global batch (samples per iteration over all ranks)")
+    grad_clip: float = Field(10.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    bf16: bool = False
+    checkpoint_every: int = Field(500, gt=0)
+    keep_last: int = Field(2, gt=0)
+    log_every: int = Field(50, gt=0)
+
+
+class TeacherConfig(Section):
+    """The teacher: either `pretrained` (a file) or trained by the `teacher` stage on the toy data."""
+    pretrained: Optional[str] = None
+    cfg_drop_prob: float = Field(0.1, ge=0, lt=1, description="label dropout that makes CFG possible")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=3000, batch_size=256))
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-3, weight_decay=0.0))
+    sampler_steps: int = Field(32, gt=0, description="steps of the teacher's deterministic sampler in evaluation")
+
+
+class GeneratorConfig(Section):
+    num_steps: int = Field(1, gt=0, description="K: student sampling steps")
+    conditioning_timestep: Optional[float] = Field(
+        None, description="one-step students only: timestep the network sees on pure-noise input (DMD2 SDXL: 399)")
+
+
+class DMDConfig(Section):
+    """DMD (Yin et al. 2024): reverse-KL gradient + fake-score denoising. ALGORITHMS.md §2."""
+    name: Literal["dmd"] = "dmd"
+    guidance_scale: float = Field(1.0, ge=0)
+    t_min_frac: float = Field(0.02, ge=0, le=1)
+    t_max_frac: float = Field(0.98, ge=0, le=1)
+    ttur: int = Field(1, gt=0, description="critic updates per generator update")
+
+
+class DMD2Config(DMDConfig):
+    """DMD2 (Yin et al. 2024b): DMD + GAN head on the fake score's features, real-data branch, TTUR. §3."""
+    name: Literal["dmd2"] = "dmd2"  # type: ignore[assignment]
+    ttur: int = Field(5, gt=0)
+    gen_gan_weight: float = Field(5e-3, ge=0)
+    disc_gan_weight: float = Field(1e-2, ge=0)
+
+
+class ADMConfig(Section):
+    """ADM (Lu et al. 2025): one ODE step of dt from the same x_t, hinge loss on teacher-backbone heads. §5."""
+    name: Literal["adm"] = "adm"
+    guidance_scale: float = Field(1.0, ge=0)
+    t_min_frac: float = Field(0.02, ge=0, le=1)
+    t_max_frac: float = Field(0.98, ge=0, le=1)
+    dt_frac: float = Field(1 / 64, gt=0, lt=1, description="dt = dt_frac * T in network time units")
+    ttur: int = Field(1, gt=0)
+    detach_fake_velocity: bool = False
+
+
+MethodConfig = Annotated[Union[DMDConfig, DMD2Config, ADMConfig], Field(discriminator="name")]
+
+
+class DistillConfig(Section):
+    method: MethodConfig = Field(default_factory=ADMConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=2000, batch_size=256))
+    optimizer: dict[Literal["generator", "fake_score", "heads"], OptimizerConfig] = Field(
+        default_factory=lambda: {r: OptimizerConfig() for r in ("generator", "fake_score", "heads")})
+
+
+class EvalConfig(Section):
+    num_samples: int = Field(2000, gt=0)
+    sample_seed: int = 12345
+    grid_samples: int = Field(64, gt=0, description="fixed-seed samples drawn into the PNG grid")
+
+
+class ParallelConfig(Section):
+    backend: Literal["data_parallel"] = "data_parallel"
+
+
+Stage = Literal["teacher", "distill", "evaluate"]
+
+
+class Recipe(Section):
+    run: RunConfig
+    family: FamilyConfig = Field(default_factory=ToyFamilyConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    stages: list[Stage] = Field(default_factory=lambda: ["teacher", "distill", "evaluate"])
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _read_yaml(path: str, named_by: str) -> dict:
+    if not os.path.isfile(path):
+        raise RecipeError(named_by, "", f"recipe file '{path}' not found", "check the path; base: paths are relative "
+                                                                          "to the file that names them")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise RecipeError(path, "", f"not valid YAML at {where}: {getattr(e, 'problem', e)}",
+                          "check indentation and quoting") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(path, "", "a recipe must be a mapping of sections", "see recipes/toy/default.yaml")
+    return data
+
+
+def _merge(base: dict, child: dict, child_source: str, provenance: dict, prefix: str = "") -> dict:
+    out = dict(base)
+    for key, value in child.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, child_source, provenance, dotted + ".")
+        else:
+            out[key] = value
+            provenance[dotted] = child_source
+    return out
+
+
+def _load_with_bases(path: str, provenance: dict, seen: tuple = ()) -> dict:
+    real = os.path.realpath(path)
+    if real in seen:
+        raise RecipeError(path, "base", "base: chain is circular", "remove the cycle")
+    data = _read_yaml(path, seen and seen[-1] or path)
+    base_ref = data.pop("base", None)
+    merged: dict = {}
+    if base_ref is not None:
+        if not isinstance(base_ref, str):
+            raise RecipeError(path, "base", "must be a path string", "e.g. base: ../toy/default.yaml")
+        base_path = os.path.join(os.path.dirname(path), base_ref)
+        if not os.path.isfile(base_path):
+            raise RecipeError(path, "base", f"base recipe '{base_path}' not found",
+                              "base: paths are relative to the file that names them")
+        merged = _load_with_bases(base_path, provenance, seen + (real,))
+    return _merge(merged, data, path, provenance)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text or text.startswith("="):
+        raise RecipeError("command line", text, "override must look like dotted.key=value",
+                          "e.g. distill.train.steps=100")
+    key, raw = text.split("=", 1)
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise RecipeError("command line", key, "empty key segment", "e.g. distill.train.steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw  # an unparseable value stays a string; validation then names the key if the type is wrong
+    return parts, value
+
+
+def _apply_override(data: dict, parts: list[str], value: Any, text: str, provenance: dict) -> None:
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise RecipeError("command line", ".".join(parts[:i + 1]), f"'{text}' indexes into a value, not a section",
+                              "override a leaf key")
+        node = nxt
+    node[parts[-1]] = value
+    provenance[".".join(parts)] = "command line"
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at `loc` (for the did-you-mean hint on unknown keys)."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(model.model_fields)
+
+
+def _source_of(dotted: str, provenance: dict, default: str) -> str:
+    probe = dotted
+    while probe:
+        if probe in provenance:
+            return provenance[probe]
+        probe = probe.rpartition(".")[0]
+    return default
+
+
+def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
+    provenance: dict[str, str] = {}
+    data = _load_with_bases(path, provenance)
+    for text in overrides:
+        parts, value = parse_override(text)
+        _apply_override(data, parts, value, text, provenance)
+    # tagged unions pick their class by `name`; a section that omits it takes the default class
+    if isinstance(data.get("family"), dict):
+        data["family"].setdefault("name", "toy")
+    distill = data.get("distill")
+    if isinstance(distill, dict) and isinstance(distill.get("method"), dict):
+        distill["method"].setdefault("name", "adm")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        # report a misspelt key before the "missing" error it usually causes
+        rank = {"extra_forbidden": 0, "missing": 2}
+        err = sorted(e.errors(), key=lambda x: rank.get(x["type"], 1))[0]
+        # pydantic puts the union tag ('adm', 'dmd', ...) into the location of a discriminated union; drop it.
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"toy", "dmd", "dmd2", "adm"}))
+        dotted = ".".join(str(p) for p in loc)
+        source = _source_of(dotted, provenance, path)
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(Recipe, loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(known)}"
+            raise RecipeError(source, dotted, "unknown key", hint) from None
+        if err["type"] == "missing":
+            raise RecipeError(source, dotted, "required key is missing", "add it to the recipe or pass it as key=value") from None
+        got = err.get("input")
+        got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+        raise RecipeError(source, dotted, f"{err['msg']}{got_text}", "fix the value's type or range") from None
+    check_combinations(recipe, path, provenance)
+    return recipe
+
+
+def check_combinations(recipe: Recipe, path: str, provenance: dict) -> None:
+    """Settings that validate one by one but cannot work together."""
+    def fail(key: str, problem: str, hint: str) -> None:
+        raise RecipeError(_source_of(key, provenance, path), key, problem, hint)
+
+    s = recipe.schedule
+    if s.prediction == "flow" and (s.snr_shift != 1.0 or s.zero_terminal_snr):
+        fail("schedule.prediction", "snr_shift / zero_terminal_snr apply to DDPM schedules, not rectified flow",
+             "use schedule.shift for flow, or prediction: v")
+    if s.prediction != "flow" and s.shift != 1.0:
+        fail("schedule.shift", "shift applies to rectified flow only", "use schedule.snr_shift for DDPM")
+    if s.beta_end <= s.beta_start:
+        fail("schedule.beta_end", "must exceed schedule.beta_start", "e.g. 0.00085 .. 0.012 (SDXL)")
+    m = recipe.distill.method
+    if m.t_min_frac >= m.t_max_frac:
+        fail("distill.method.t_min_frac", "must be below t_max_frac", "e.g. 0.02 .. 0.98")
+    if isinstance(m, ADMConfig) and m.t_min_frac + m.dt_frac >= m.t_max_frac:
+        fail("distill.method.dt_frac", "t_min_frac + dt_frac must stay below t_max_frac (t - dt must stay valid)",
+             "lower dt_frac or widen the t range")
+    family = recipe.family
+    conditional = family.dataset == "digits"
+    if not conditional and m.guidance_scale != 1.0:
+        fail("distill.method.guidance_scale", f"dataset '{family.dataset}' is unconditional: CFG needs labels",
+             "set guidance_scale: 1.0 or use dataset: digits")
+    depth = family.depth
+    bad = [t for t in family.taps if not 0 <= t < depth]
+    if bad or not family.taps:
+        fail("family.taps", f"tap indices must lie in [0, {depth}) (got {family.taps})", "taps are block indices")
+    g = recipe.distill.generator
+    if g.conditioning_timestep is not None and g.num_steps != 1:
+        fail("distill.generator.conditioning_timestep", "only one-step students take a conditioning timestep",
+             "set generator.num_steps: 1 or drop conditioning_timestep")
+    if "distill" in recipe.stages and recipe.teacher.pretrained is None and "teacher" not in recipe.stages:
+        fail("stages", "distill needs a teacher: list the 'teacher' stage or set teacher.pretrained",
+             "stages: [teacher, distill, evaluate]")
+    if recipe.teacher.pretrained is not None and not os.path.isfile(recipe.teacher.pretrained):
+        fail("teacher.pretrained", f"file '{recipe.teacher.pretrained}' not found", "point at a teacher .safetensors")
+    order = ["teacher", "distill", "evaluate"]
+    if [st for st in order if st in recipe.stages] != list(recipe.stages):
+        fail("stages", f"stages must be a subset in the order {order}", "e.g. [teacher, distill, evaluate]")
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,11 @@
+"""Model families: how to build or load each role, encode conditioning, where the taps are.
+
+`build_family(recipe)` returns the family object for `recipe.family.name`."""
+from __future__ import annotations
+
+
+def build_family(recipe):
+    if recipe.family.name == "toy":
+        from trainer.families.toy import ToyFamily
+        return ToyFamily(recipe.family)
+    raise ValueError(f"unknown family '{recipe.family.name}'")

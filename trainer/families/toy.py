@@ -1,0 +1,107 @@
+"""The toy family: small residual MLP denoisers on 64-D digits or 2-D Gaussian grids.
+
+It goes through the same family / role / method / trainer code as the large models: a network called as
+`net(sample, timestep, **cond)`, taps from `forward_with_taps`, conditions as dicts, a null class for CFG.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from data.toy import ToyDataset, class_labels_for, load_toy
+from trainer.heads import FeatureHeads
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps t [B] (network time units, up to 1000) -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.modulation = nn.Linear(hidden, 2 * hidden)  # scale/shift from time + class embedding (adaLN)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.SiLU(), nn.Linear(2 * hidden, hidden))
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.modulation(emb).chunk(2, dim=-1)
+        return h + self.mlp(self.norm(h) * (1 + scale) + shift)
+
+
+class ToyDenoiserNet(nn.Module):
+    """x_t [B, D], t [B], class_labels [B] (index num_classes = null / unconditional) -> native prediction [B, D]."""
+
+    def __init__(self, data_dim: int, hidden: int, depth: int, num_classes: int, time_embed_dim: int,
+                 taps: list[int]):
+        super().__init__()
+        self.data_dim, self.num_classes, self.taps = data_dim, num_classes, list(taps)
+        self.time_embed_dim = time_embed_dim
+        self.time_mlp = nn.Sequential(nn.Linear(time_embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.class_embed = nn.Embedding(num_classes + 1, hidden) if num_classes else None
+        self.input = nn.Linear(data_dim, hidden)
+        self.blocks = nn.ModuleList(ResidualBlock(hidden) for _ in range(depth))
+        self.out_norm = nn.LayerNorm(hidden)
+        self.output = nn.Linear(hidden, data_dim)
+
+    def forward_with_taps(self, sample: torch.Tensor, timestep: torch.Tensor,
+                          class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        emb = self.time_mlp(timestep_embedding(timestep, self.time_embed_dim).to(sample.dtype))
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(class_labels)
+        emb = nn.functional.silu(emb)
+        h = self.input(sample)
+        features = []
+        for i, block in enumerate(self.blocks):
+            h = block(h, emb)
+            if i in self.taps:
+                features.append(h)
+        return self.output(self.out_norm(h)), features
+
+    def forward(self, sample, timestep, class_labels=None):
+        return self.forward_with_taps(sample, timestep, class_labels)[0]
+
+
+class ToyFamily:
+    """Builds the toy roles and conditions for one dataset."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.dataset: ToyDataset = load_toy(cfg.dataset)
+        self.data_shape = (self.dataset.data_dim,)
+
+    def build_denoiser(self) -> ToyDenoiserNet:
+        c = self.cfg
+        return ToyDenoiserNet(self.dataset.data_dim, c.hidden, c.depth, self.dataset.num_classes,
+                              c.time_embed_dim, c.taps)
+
+    def build_heads(self) -> FeatureHeads:
+        return FeatureHeads([(self.cfg.hidden,)] * len(self.cfg.taps), hidden=self.cfg.hidden)
+
+    # --- conditioning -----------------------------------------------------------------------------------
+    @property
+    def conditional(self) -> bool:
+        return self.dataset.num_classes > 0
+
+    def condition(self, labels: torch.Tensor) -> dict:
+        return {"class_labels": labels} if self.conditional else {}
+
+    def null_condition(self, batch: int, device) -> dict:
+        if not self.conditional:
+            return {}
+        return {"class_labels": torch.full((batch,), self.dataset.num_classes, dtype=torch.int64, device=device)}
+
+    def drop_condition(self, labels: torch.Tensor, drop: torch.Tensor) -> dict:
+        """CFG training: replace labels by the null class where `drop` [B] is True."""
+        if not self.conditional:
+            return {}
+        return {"class_labels": torch.where(drop, torch.full_like(labels, self.dataset.num_classes), labels)}
+
+    def prompt_labels(self, indices, seed: int) -> torch.Tensor:
+        """The toy's 'prompts': a class per generator sample, a pure function of (seed, sample index)."""
+        return class_labels_for(indices, self.dataset.num_classes, seed)

@@ -1,0 +1,45 @@
+"""Discriminator heads on tapped backbone features (ALGORITHMS.md §10.11).
+
+One small head per tapped layer, each giving per-location logits that are averaged per sample; the heads are combined
+by a learnable softmax weight vector ("dynamically weighted"). The head kind follows the feature's rank:
+  [B, C]          -> MLP head (toy backbones)
+  [B, C, H, W]    -> 2-D head: Conv3x3 -> GroupNorm -> SiLU -> Conv1x1 (UNet / MMDiT token grids)
+  [B, C, T, H, W] -> 3-D head: the same with 3x3x3 convs (video)
+Features come from the family's `forward_with_taps`, never from forward hooks (hooks fire again during
+activation-checkpoint recompute and break compiled graphs).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv_head(channels: int, hidden: int, dims: int) -> nn.Module:
+    conv = nn.Conv2d if dims == 2 else nn.Conv3d
+    groups = 32 if hidden % 32 == 0 else 1
+    return nn.Sequential(conv(channels, hidden, 3, padding=1), nn.GroupNorm(groups, hidden), nn.SiLU(),
+                         conv(hidden, 1, 1))
+
+
+class FeatureHeads(nn.Module):
+    """Heads over a list of tapped features. feature_shapes: per tap, the feature shape without the batch dim."""
+
+    def __init__(self, feature_shapes: list[tuple[int, ...]], hidden: int = 128):
+        super().__init__()
+        heads = []
+        for shape in feature_shapes:
+            if len(shape) == 1:
+                heads.append(nn.Sequential(nn.Linear(shape[0], hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+                                           nn.SiLU(), nn.Linear(hidden, 1)))
+            elif len(shape) in (3, 4):
+                heads.append(_conv_head(shape[0], hidden, len(shape) - 1))
+            else:
+                raise ValueError(f"no head for feature shape {shape}")
+        self.heads = nn.ModuleList(heads)
+        self.head_logit_weights = nn.Parameter(torch.zeros(len(heads)))   # softmax -> uniform at init
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """features: per tap [B, C, ...] -> logits [B] (fp32)."""
+        per_head = [head(f).float().flatten(1).mean(1) for head, f in zip(self.heads, features)]   # [B] each
+        weights = torch.softmax(self.head_logit_weights.float(), 0)
+        return (torch.stack(per_head, 1) * weights).sum(1)

@@ -1,0 +1,98 @@
+"""`python -m trainer.main RECIPE [key=value ...] [--dry-run]`: run the recipe's stages in order; rerun resumes.
+
+Works single-process and under torchrun (plain data parallel). Recipe problems print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import trainer  # noqa: F401  (runtime env defaults before torch is imported)
+from trainer.config import RecipeError, dump_recipe, load_recipe
+
+USAGE_EXIT = 2
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m trainer.main", description=__doc__)
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/toy/default.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. distill.train.steps=100")
+    parser.add_argument("--dry-run", action="store_true", help="validate the recipe and print it; build nothing")
+    return parser.parse_args(argv)
+
+
+def prepare_run_dir(recipe, log) -> str:
+    """Write the resolved recipe into the run dir; a run dir holding a DIFFERENT recipe is refused (resuming it
+    with other settings would silently mix two runs)."""
+    run_dir = recipe.run.dir
+    text = dump_recipe(recipe)
+    path = os.path.join(run_dir, "config.yaml")
+    if os.path.isfile(path):
+        if open(path).read() != text:
+            raise RecipeError(path, "run.dir", "this run directory holds a different recipe",
+                              "pick a new run.dir, or rerun with the exact same recipe and overrides to resume")
+        return run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return run_dir
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_EXIT
+    if args.dry_run:
+        print(dump_recipe(recipe), end="")
+        return 0
+    from parallel.distributed import init_distributed, shutdown
+    from trainer.stages import run_distill_stage, run_evaluate_stage, run_teacher_stage
+
+    dist_info = init_distributed()
+    log = (lambda msg: print(msg, flush=True)) if dist_info.is_main else (lambda msg: None)
+    if recipe.distill.train.batch_size % dist_info.world_size or recipe.teacher.train.batch_size % dist_info.world_size:
+        print(f"error: {args.recipe}: distill.train.batch_size: must be divisible by the world size "
+              f"{dist_info.world_size} (hint: change the batch size or the process count)", file=sys.stderr)
+        return USAGE_EXIT
+    try:
+        if dist_info.is_main:
+            run_dir = prepare_run_dir(recipe, log)
+        else:
+            run_dir = recipe.run.dir
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_EXIT
+    started = time.perf_counter()
+    metrics = None
+    for stage in recipe.stages:
+        if stage == "teacher":
+            run_teacher_stage(recipe, run_dir, dist_info, log)
+        elif stage == "distill":
+            run_distill_stage(recipe, run_dir, dist_info, log)
+        elif stage == "evaluate":
+            metrics = run_evaluate_stage(recipe, run_dir, dist_info, log)
+    if dist_info.is_main:
+        log(f"done in {time.perf_counter() - started:.1f} s. run dir: {os.path.abspath(run_dir)}")
+        log(f"  config:      {run_dir}/config.yaml")
+        log(f"  tensorboard: tensorboard --logdir {run_dir}")
+        if metrics is not None:
+            s, t = metrics["student"], metrics["teacher"]
+            log(f"  metrics:     {run_dir}/evaluate/metrics.json")
+            log(f"  samples:     {run_dir}/evaluate/student_samples.png, {run_dir}/evaluate/teacher_samples.png")
+            log(f"  student FD {s['fd']:.4g} (precision {s['precision']:.3f}, recall {s['recall']:.3f}) vs teacher "
+                f"FD {t['fd']:.4g} (precision {t['precision']:.3f}, recall {t['recall']:.3f}); "
+                f"ratio {metrics['fd_ratio_student_over_teacher']:.2f}")
+            log("  " + json.dumps({k: v for k, v in s.items() if k not in ("fd", "precision", "recall")}))
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""What every method shares: roles (`Nets`), the per-step context, phases and loss outputs.
+
+A method is a small object: a typed config, `phases(step)` (which roles update now: TTUR lives here) and one loss
+function per phase returning `LossOut`. Methods do math only: no backward, no optimizer step, no logging.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from trainer.denoiser import Cond, Denoiser
+from trainer.randomness import StepRandom
+from trainer.sampling import student_input, student_predict
+
+
+@dataclass
+class Nets:
+    """The roles. teacher: frozen; fake_score and heads: critics; generator: the student."""
+    generator: nn.Module
+    teacher: Optional[nn.Module] = None
+    fake_score: Optional[nn.Module] = None
+    heads: Optional[nn.Module] = None
+
+    def role(self, name: str) -> nn.Module:
+        return getattr(self, name)
+
+    def present(self) -> dict[str, nn.Module]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass
+class LossOut:
+    """loss: scalar tensor to backpropagate; metrics: detached scalars (the trainer reduces and logs them)."""
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Phase:
+    name: str
+    updates: tuple[str, ...]               # roles whose optimizers step after this phase
+    loss: Callable[["StepContext"], LossOut]
+
+
+@dataclass
+class StepContext:
+    """Everything one step's losses read. Tensors are this rank's slice of the global batch [B_local, ...]."""
+    nets: Nets
+    denoiser: Denoiser
+    rand: StepRandom
+    step: int
+    data_shape: tuple[int, ...]
+    cond: Cond                      # generator-side conditions ("prompts")
+    uncond: Cond                    # null conditions for CFG
+    real_x: Optional[torch.Tensor] = None   # real data (teacher pretraining, DMD2's real branch)
+    real_cond: Optional[Cond] = None
+    student_timesteps: list[float] = field(default_factory=list)
+    conditioning_timestep: Optional[float] = None
+    generator_trains: bool = False  # the generator's sample keeps its graph only when the generator updates
+    _generator_x0: Optional[torch.Tensor] = None
+
+    def times(self, value) -> torch.Tensor:
+        if isinstance(value, torch.Tensor):
+            return value
+        return torch.full((len(self.rand.sample_indices),), float(value), device=self.rand.device)
+
+    def generator_x0(self) -> torch.Tensor:
+        """The generator's x0 [B, ...] for this step, computed once and shared by the phases (critics detach it).
+
+        One-step: pure noise in. Multi-step: backward simulation with k ~ U{0..K-1} shared by all ranks
+        (keyed by (seed, step) only), the prefix under no_grad, fresh noise at every re-noise (DMD2 §3)."""
+        if self._generator_x0 is None:
+            num_steps = len(self.student_timesteps)
+            k = self.rand.shared_randint("backward_simulation_k", num_steps) if num_steps > 1 else 0
+            noise_fn = lambda i: self.rand.normal(f"student_noise_{i}", self.data_shape)  # noqa: E731
+            x = student_input(self.denoiser, self.nets.generator, self.cond, self.student_timesteps, noise_fn, k,
+                              self.conditioning_timestep)
+            with torch.set_grad_enabled(self.generator_trains):
+                self._generator_x0 = student_predict(self.denoiser, self.nets.generator, x,
+                                                     self.student_timesteps[k], self.cond,
+                                                     self.conditioning_timestep)
+        return self._generator_x0
+
+
+class Method:
+    """Base: subclasses define `phases(step)` and the loss functions they name."""
+    trains = ("generator",)          # roles this method builds optimizers for
+    needs_real_data = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def phases(self, step: int) -> list[Phase]:
+        raise NotImplementedError
+
+    def generator_trains_at(self, step: int) -> bool:
+        return any("generator" in p.updates for p in self.phases(step))

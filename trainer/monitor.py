@@ -1,0 +1,46 @@
+"""Tensorboard scalars and a progress bar with ETA, on rank 0 only. Metrics arrive as device tensors and are read
+(one host sync) only at the logging cadence."""
+from __future__ import annotations
+
+import os
+import sys
+
+from tqdm import tqdm
+
+
+class Monitor:
+    def __init__(self, log_dir: str, enabled: bool, total_steps: int, start_step: int, desc: str,
+                 progress: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            os.makedirs(log_dir, exist_ok=True)
+            self.writer = SummaryWriter(log_dir)
+            self.bar = None if not progress else tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=1.0)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        loss_keys = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("loss/")}
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in list(loss_keys.items())[:3]}, refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def image(self, tag: str, chw, step: int) -> None:
+        if self.enabled:
+            self.writer.add_image(tag, chw, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

@@ -1,0 +1,168 @@
+"""DistillTrainer: the role-agnostic loop. For each step: build this rank's batch and random source, then for each
+phase of the method: freeze the roles it does not update, compute its loss, backward, clip, step, EMA.
+
+It owns checkpoint cadence, resume, metric reduction and logging; the method owns only the math.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from trainer.checkpoint import Checkpointer
+from trainer.methods.base import Method, Nets, StepContext
+from trainer.monitor import Monitor
+from trainer.randomness import StepRandom, sample_indices
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    batch_size: int          # global
+    seed: int
+    log_every: int
+    checkpoint_every: int
+    keep_last: int
+    bf16: bool = False
+
+
+class DistillTrainer:
+    def __init__(self, *, stage_dir: str, stage_name: str, method: Method, nets: Nets, backend, denoiser, family,
+                 loop: LoopConfig, dist_info, student_timesteps: list[float],
+                 conditioning_timestep: Optional[float] = None, real_stream=None):
+        self.stage_dir, self.stage_name = stage_dir, stage_name
+        self.method, self.nets, self.backend = method, nets, backend
+        self.denoiser, self.family, self.loop, self.dist = denoiser, family, loop, dist_info
+        self.student_timesteps, self.conditioning_timestep = student_timesteps, conditioning_timestep
+        self.real_stream = real_stream
+        self.checkpointer = Checkpointer(stage_dir, loop.keep_last)
+        self.step = 0
+        self.samples_seen = 0
+        if loop.batch_size % dist_info.world_size:
+            raise ValueError(f"batch_size {loop.batch_size} is not divisible by world size {dist_info.world_size}")
+
+    # --- state ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        b = self.backend
+        return {
+            "step": self.step, "samples_seen": self.samples_seen,
+            "roles": {r: b.full_state(r) for r in b.optimizers},
+            "optimizers": {r: o.state_dict() for r, o in b.optimizers.items()},
+            "schedulers": {r: s.state_dict() for r, s in b.schedulers.items()},
+            "ema": b.full_state("ema"),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        b = self.backend
+        for role, sd in state["roles"].items():
+            b.modules[role].load_state_dict(sd)
+            b.optimizers[role].load_state_dict(state["optimizers"][role])
+            b.schedulers[role].load_state_dict(state["schedulers"][role])
+        b.ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+
+    def resume(self) -> bool:
+        path = self.checkpointer.latest_path()
+        if path is None:
+            return False
+        self.load_state_dict(self.checkpointer.load(path))
+        return True
+
+    def save(self) -> None:
+        state = self.state_dict()   # collective-free for data parallel; sharded backends gather on all ranks
+        if self.dist.is_main:
+            self.checkpointer.save(self.step, state)
+        if dist.is_initialized():
+            dist.barrier()
+
+    # --- one step --------------------------------------------------------------------------------------------
+    def make_context(self, step: int) -> StepContext:
+        loop, info = self.loop, self.dist
+        indices = sample_indices(step, loop.batch_size, info.rank, info.world_size)
+        rand = StepRandom(loop.seed, step, indices, info.device)
+        labels = self.family.prompt_labels(indices, loop.seed).to(info.device)
+        ctx = StepContext(nets=self.nets, denoiser=self.denoiser, rand=rand, step=step,
+                          data_shape=self.family.data_shape, cond=self.family.condition(labels),
+                          uncond=self.family.null_condition(len(indices), info.device),
+                          student_timesteps=self.student_timesteps, conditioning_timestep=self.conditioning_timestep,
+                          generator_trains=self.method.generator_trains_at(step))
+        if self.method.needs_real_data:
+            real_x, real_y = self.real_stream.batch(indices)
+            ctx.real_x, ctx.real_cond = real_x.to(info.device), self.family.condition(real_y.to(info.device))
+        return ctx
+
+    def phase_backward(self, phase, ctx: StepContext):
+        """Freeze the roles this phase does not update, compute its loss, backward (+ gradient reduction).
+
+        The generator stays trainable: its sample may carry a graph into a later phase of this step; critic
+        losses detach it, so it receives no gradient there (tests/unit/test_method_invariants.py checks)."""
+        frozen = [m for r, m in self.nets.present().items() if r not in phase.updates and r != "generator"]
+        autocast = (torch.autocast(self.dist.device.type, dtype=torch.bfloat16) if self.loop.bf16
+                    else contextlib.nullcontext())
+        with self.backend.frozen(frozen), autocast:
+            out = phase.loss(ctx)
+        self.backend.backward(out.loss, phase.updates)
+        return out
+
+    def train_step(self, step: int, sums: dict) -> None:
+        ctx = self.make_context(step)
+        for phase in self.method.phases(step):
+            t0 = time.perf_counter()
+            out = self.phase_backward(phase, ctx)
+            norms = self.backend.clip_and_step(phase.updates)
+            if "generator" in phase.updates:
+                self.backend.ema_update()
+            sums[f"loss/{phase.name}"].append(out.loss.detach())
+            for key, value in out.metrics.items():
+                sums[f"metrics/{key}"].append(value)
+            for role, norm in norms.items():
+                sums[f"grad_norm/{role}"].append(norm.detach())
+            # host-side wall time of the phase as issued (on GPU this is launch time unless something syncs)
+            sums[f"time/{phase.name}_seconds"].append(torch.tensor(time.perf_counter() - t0))
+
+    # --- loop ------------------------------------------------------------------------------------------------
+    def reduce_metrics(self, sums: dict) -> dict[str, float]:
+        """Means over the window and over ranks. The one host sync per logging window is here (.tolist())."""
+        keys = sorted(sums)
+        if not keys:
+            return {}
+        local = torch.stack([torch.stack([v.float().to(self.dist.device) for v in sums[k]]).mean() for k in keys])
+        if dist.is_initialized():
+            dist.all_reduce(local, op=dist.ReduceOp.AVG)
+        return dict(zip(keys, local.tolist()))
+
+    def run(self) -> None:
+        resumed = self.resume()
+        loop = self.loop
+        monitor = Monitor(f"{self.stage_dir}/tb", self.dist.is_main, loop.steps, self.step, self.stage_name)
+        if resumed and self.dist.is_main:
+            monitor.bar.write(f"[{self.stage_name}] resumed at step {self.step} ({self.samples_seen} samples seen)")
+        sums: dict = defaultdict(list)
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < loop.steps:
+            self.train_step(self.step, sums)
+            self.step += 1
+            self.samples_seen += loop.batch_size
+            window_steps += 1
+            monitor.advance()
+            if self.step % loop.log_every == 0 or self.step == loop.steps:
+                values = self.reduce_metrics(sums)
+                elapsed = time.perf_counter() - window_start
+                values["throughput/samples_per_second"] = window_steps * loop.batch_size / elapsed
+                values["throughput/step_seconds"] = elapsed / window_steps
+                values["progress/samples_seen"] = float(self.samples_seen)
+                for role in self.backend.optimizers:
+                    values[f"lr/{role}"] = self.backend.lr(role)
+                monitor.scalars(self.step, values)
+                sums.clear()
+                window_start, window_steps = time.perf_counter(), 0
+            if self.step % loop.checkpoint_every == 0 or self.step == loop.steps:
+                self.save()
+        monitor.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -198,7 +199,6 @@ def run_evaluate_stage(recipe, run_dir: str, dist_info, log) -> dict | None:
     classifier = train_classifier(dataset)
     labels = eval_labels(ev.num_samples, dataset)
     w = recipe.distill.method.guidance_scale
-    import time
     t0 = time.perf_counter()
     student = draw_student_samples(recipe, family, denoiser, generator, labels, ev.sample_seed)
     student_seconds = time.perf_counter() - t0

@@ -196,3 +196,24 @@ def test_invariant_24_t_minus_dt_in_range(tmp_path, prediction, dt):
     assert torch.allclose(t - u, torch.full_like(t, dt))
     assert (u >= 0.02 * 1000 - 1e-6).all() and (t <= 0.98 * 1000 + 1e-6).all()
     assert t.max() - t.min() > 600   # spread over the range
+
+
+def test_bf16_autocast_step_runs_and_stays_finite(tmp_path):
+    trainer = distill_trainer(tmp_path, "distill.method.name=adm", "distill.train.bf16=true")
+    sums = {}
+    from collections import defaultdict
+    sums = defaultdict(list)
+    for step in range(2):
+        trainer.train_step(step, sums)
+    values = trainer.reduce_metrics(sums)
+    assert all(torch.isfinite(torch.tensor(v)) for v in values.values())
+    assert all(p.dtype == torch.float32 for p in trainer.nets.generator.parameters())   # fp32 master weights
+
+
+def test_ema_tracks_generator_in_fp32(tmp_path):
+    trainer = distill_trainer(tmp_path, "distill.method.name=dmd", "distill.train.ema_decay=0.5")
+    before = [p.clone() for p in trainer.backend.ema.parameters()]
+    from collections import defaultdict
+    trainer.train_step(0, defaultdict(list))
+    for e, b, g in zip(trainer.backend.ema.parameters(), before, trainer.nets.generator.parameters()):
+        assert torch.allclose(e, 0.5 * b + 0.5 * g, atol=1e-7)

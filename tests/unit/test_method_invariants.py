@@ -33,6 +33,7 @@ def test_invariant_15_23_gradient_isolation(tmp_path, method, num_steps):
     updated critic roles hold grads; the generator's stay None. Steps run through the real trainer."""
     trainer = distill_trainer(tmp_path, f"distill.method.name={method}", "distill.method.ttur=1",
                               f"distill.generator.num_steps={num_steps}",
+                              *(["distill.generator.conditioning_timestep=null"] if num_steps > 1 else []),
                               *(["distill.method.guidance_scale=2.0"] if method != "dmd2" else []))
     for step in range(2):
         ctx = trainer.make_context(step)
@@ -78,7 +79,8 @@ def test_invariant_16_fake_score_loss_zero_at_target_and_no_generator_grad(tmp_p
 
 
 def test_invariant_17_backward_simulation(tmp_path):
-    trainer = distill_trainer(tmp_path, "distill.method.name=dmd2", "distill.generator.num_steps=4")
+    trainer = distill_trainer(tmp_path, "distill.method.name=dmd2", "distill.generator.num_steps=4",
+                              "distill.generator.conditioning_timestep=null", "distill.method.ttur=1")
     seen_k = set()
     for step in range(12):
         ctx = trainer.make_context(step)
@@ -217,3 +219,19 @@ def test_ema_tracks_generator_in_fp32(tmp_path):
     trainer.train_step(0, defaultdict(list))
     for e, b, g in zip(trainer.backend.ema.parameters(), before, trainer.nets.generator.parameters()):
         assert torch.allclose(e, 0.5 * b + 0.5 * g, atol=1e-7)
+
+
+def test_one_step_student_sees_conditioning_timestep_on_pure_noise(tmp_path):
+    trainer = distill_trainer(tmp_path, "distill.method.name=adm", "distill.generator.conditioning_timestep=400")
+    ctx = trainer.make_context(0)
+    calls = []
+    handle = trainer.nets.generator.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append((args[0].clone(), args[1].clone())), with_kwargs=True)
+    x0 = ctx.generator_x0()
+    handle.remove()
+    (x_in, t_in), = calls
+    assert torch.equal(x_in, ctx.rand.normal("student_noise_0", ctx.data_shape))
+    assert torch.equal(t_in, torch.full_like(t_in, 400.0))
+    # flow: x0 = x - sigma v with the coefficients of t = 400
+    native = trainer.nets.generator(x_in, t_in, **ctx.cond)
+    assert torch.allclose(x0, x_in - 0.4 * native, atol=1e-6)

@@ -137,6 +137,24 @@ class EvalConfig(Section):
     grid_samples: int = Field(64, gt=0, description="fixed-seed samples drawn into the PNG grid")
 
 
+class CollectConfig(Section):
+    """Teacher ODE pairs (`python -m data.collect RECIPE`): deterministic sampler, per-sample seeds, fixed
+    micro-batches assigned to ranks round-robin, so the pairs do not depend on the number of ranks."""
+    out: Optional[str] = Field(None, description="MDS output folder (default: <run.dir>/ode_pairs)")
+    num_pairs: int = Field(1024, gt=0)
+    micro_batch: int = Field(64, gt=0)
+    sampler_steps: int = Field(32, gt=0)
+    guidance_scale: Optional[float] = Field(None, ge=0, description="default: distill.method.guidance_scale")
+
+
+class DataConfig(Section):
+    """Optional MDS streams (local folder or object-store URI). Without them the toy reads its bundled data."""
+    real_remote: Optional[str] = Field(None, description="real_latents stream for DMD2's real branch")
+    real_local: Optional[str] = Field(None, description="local cache folder for real_remote")
+    num_canonical_nodes: int = Field(1, gt=0, description="fixed so resumption works on any number of nodes")
+    check_hashes: bool = True
+
+
 class ParallelConfig(Section):
     backend: Literal["data_parallel"] = "data_parallel"
 
@@ -151,6 +169,8 @@ class Recipe(Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    collect: CollectConfig = Field(default_factory=CollectConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     stages: list[Stage] = Field(default_factory=lambda: ["teacher", "distill", "evaluate"])
 

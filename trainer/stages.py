@@ -117,7 +117,39 @@ def build_distill_trainer(recipe, run_dir: str, dist_info) -> DistillTrainer:
                           loop=loop_config(train, recipe.run.seed), dist_info=dist_info,
                           student_timesteps=denoiser.schedule.student_timesteps(generator_cfg.num_steps),
                           conditioning_timestep=generator_cfg.conditioning_timestep,
-                          real_stream=ToyStream(family.dataset, recipe.run.seed))
+                          real_stream=real_data(recipe, family, dist_info, train.batch_size) if method.needs_real_data
+                          else None)
+
+
+def real_data(recipe, family, dist_info, global_batch: int):
+    """The real-data source: an MDS `real_latents` stream when `data.real_remote` is set, else the bundled toy data."""
+    d = recipe.data
+    if d.real_remote is None:
+        return ToyStream(family.dataset, recipe.run.seed)
+    from data.streams import TrainingStream
+    stream = TrainingStream("real_latents", d.real_remote, d.real_local, global_batch // dist_info.world_size,
+                            recipe.run.seed, num_canonical_nodes=d.num_canonical_nodes, check_hashes=d.check_hashes)
+    return StreamAdapter(stream)
+
+
+class StreamAdapter:
+    """Gives a real_latents stream the trainer's `batch(indices) -> (x, labels)` interface; the stream owns the
+    data position (checkpointed through state_dict)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def batch(self, indices):
+        b = self.stream.next_batch()
+        if len(b.ids) != len(indices):
+            raise ValueError(f"stream batch of {len(b.ids)} samples, the step needs {len(indices)}")
+        return b.latents.float(), b.labels
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state):
+        self.stream.load_state_dict(state)
 
 
 def run_distill_stage(recipe, run_dir: str, dist_info, log) -> None:

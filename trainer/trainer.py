@@ -56,6 +56,9 @@ class DistillTrainer:
             "schedulers": {r: s.state_dict() for r, s in b.schedulers.items()},
             "ema": b.full_state("ema"),
             "torch_rng": torch.get_rng_state(),
+            # the data position: a stream's global position (survives a change of world size); the bundled toy
+            # data needs none (it is a pure function of samples_seen)
+            "data": self.real_stream.state_dict() if hasattr(self.real_stream, "state_dict") else {},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -66,6 +69,8 @@ class DistillTrainer:
             b.schedulers[role].load_state_dict(state["schedulers"][role])
         b.ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("data") and hasattr(self.real_stream, "load_state_dict"):
+            self.real_stream.load_state_dict(state["data"])
         self.step, self.samples_seen = state["step"], state["samples_seen"]
 
     def resume(self) -> bool:
@@ -95,7 +100,8 @@ class DistillTrainer:
                           generator_trains=self.method.generator_trains_at(step))
         if self.method.needs_real_data:
             real_x, real_y = self.real_stream.batch(indices)
-            ctx.real_x, ctx.real_cond = real_x.to(info.device), self.family.condition(real_y.to(info.device))
+            ctx.real_x = real_x.to(info.device, torch.float32)
+            ctx.real_cond = self.family.condition(real_y.to(info.device))
         return ctx
 
     def phase_backward(self, phase, ctx: StepContext):

@@ -37,10 +37,12 @@ def test_two_ranks_equal_one_rank(tmp_path):
                         ("distill", "generator.safetensors")):
         a, b = load_file(str(one / stage / name)), load_file(str(two / stage / name))
         worst = max((a[k] - b[k]).abs().max().item() for k in a)
-        assert worst < 1e-4, f"{stage}/{name}: max abs diff {worst}"
-        moved = max((a[k] - load_file(str(one / "teacher" / "teacher.safetensors"))[k]).abs().max().item()
-                    for k in a) if stage == "distill" else 1.0
-        assert moved > 1e-3   # the comparison is not vacuous: training changed the weights
+        reference = load_file(str(one / "teacher" / "teacher.safetensors")) if stage == "distill" else None
+        print(f"{stage}/{name}: max |2 ranks - 1 rank| = {worst:.2e}")
+        assert worst < 1e-5, f"{stage}/{name}: max abs diff {worst}"
+        if name == "generator.safetensors":   # the comparison is not vacuous: training moved the weights
+            moved = max((a[k] - reference[k]).abs().max().item() for k in a)
+            assert moved > 100 * max(worst, 1e-8), moved
 
 
 def test_batch_not_divisible_by_world_size_is_a_clear_error(tmp_path):

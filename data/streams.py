@@ -1,0 +1,126 @@
+"""Training streams over MDS shards (mosaicml-streaming), checked at open, resumable across world sizes.
+
+- Deterministic shuffling per epoch: streaming's shuffle with `shuffle_seed` = the run's seed; each epoch reshuffles
+  from (seed, epoch).
+- Data position: the loader's `state_dict()` (epoch, samples consumed in the epoch, over all ranks) goes into the
+  checkpoint. With `num_canonical_nodes` fixed by the recipe (not derived from the cluster), streaming's global
+  sample order does not depend on the number of ranks, so a run resumed on another GPU count continues the epoch
+  where it stopped and sees every remaining sample exactly once.
+- Sequence parallelism: `replication = sp` makes consecutive ranks of one SP group receive the same samples.
+- Bad data fails at open, naming the shard and column: missing index, missing shard, corrupt shard (hash recorded
+  at write time), schema mismatch, empty stream. An epoch that yields nothing raises instead of looping forever.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from data.parts import HASH
+from data.schemas import StreamSchemaError, check_columns, collate
+from data.streaming_import import import_streaming
+
+
+class StreamError(ValueError):
+    """A stream that cannot be trained on; the message names the stream, the shard and the problem."""
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def read_index(root: str) -> dict:
+    path = os.path.join(root, "index.json")
+    if not os.path.isfile(path):
+        raise StreamError(f"{root}: no index.json (hint: is this an MDS stream? write one with python -m data.convert)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise StreamError(f"{path}: not valid JSON ({e})") from None
+
+
+def verify_local_stream(root: str, kind: str, check_hashes: bool = True) -> int:
+    """Check a local stream before training: schema, every shard present and intact, not empty. Returns samples.
+    Hashing reads every shard once (about 1 GB/s); pass check_hashes=False for very large local streams."""
+    streaming = import_streaming()
+    index = read_index(root)
+    try:
+        check_columns(kind, index, root)
+    except StreamSchemaError as e:
+        raise StreamError(str(e)) from None
+    total = 0
+    for shard in index.get("shards", []):
+        info = shard.get("zip_data") or shard["raw_data"]
+        path = os.path.join(root, info["basename"])
+        if not os.path.isfile(path):
+            raise StreamError(f"{root}: shard {info['basename']} is missing (listed in index.json)")
+        if os.path.getsize(path) != info["bytes"]:
+            raise StreamError(f"{root}: shard {info['basename']} is corrupt: {os.path.getsize(path)} bytes, "
+                              f"index.json says {info['bytes']}")
+        expected = info.get("hashes", {}).get(HASH)
+        if check_hashes and expected:
+            with open(path, "rb") as f:
+                got = streaming.base.hashing.get_hash(HASH, f.read())
+            if got != expected:
+                raise StreamError(f"{root}: shard {info['basename']} is corrupt: {HASH} {got} != {expected}")
+        total += shard["samples"]
+    if total == 0:
+        raise StreamError(f"{root}: the stream is empty (0 samples)")
+    return total
+
+
+def _keep_samples(samples: list[dict]) -> dict:
+    # StreamingDataLoader counts a batch's samples with len(first value) of a mapping; the typed batch is built in
+    # next_batch. Kept at module level so DataLoader workers can pickle it.
+    return {"samples": samples}
+
+
+class TrainingStream:
+    """Batches of one stream kind for this rank. batch_size: per rank."""
+
+    def __init__(self, kind: str, remote: str, local: Optional[str], batch_size: int, seed: int,
+                 num_canonical_nodes: int = 1, replication: Optional[int] = None, shuffle: bool = True,
+                 check_hashes: bool = True):
+        streaming = import_streaming()
+        self.kind = kind
+        if _is_local(remote):
+            self.num_samples = verify_local_stream(remote, kind, check_hashes)
+        # remote object stores: streaming validates each downloaded shard against its recorded hash
+        self.dataset = streaming.StreamingDataset(
+            remote=remote, local=local, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
+            num_canonical_nodes=num_canonical_nodes, replication=replication,
+            validate_hash=None if _is_local(remote) else HASH)
+        self.loader = streaming.StreamingDataLoader(self.dataset, batch_size=batch_size, num_workers=0,
+                                                    collate_fn=_keep_samples, drop_last=True)
+        self._iterator = None
+
+    def next_batch(self):
+        if self._iterator is None:
+            self._iterator = iter(self.loader)
+        try:
+            return collate(self.kind, next(self._iterator)["samples"])
+        except StopIteration:
+            self._iterator = iter(self.loader)      # next epoch (streaming reshuffles from (seed, epoch))
+            batch = next(self._iterator, None)
+            if batch is None:
+                raise StreamError(f"{self.kind} stream yielded no batch in a whole epoch (fewer samples than one "
+                                  f"batch per rank?)") from None
+            return collate(self.kind, batch["samples"])
+
+    def rest_of_epoch(self):
+        """Typed batches until the current epoch ends (evaluation, tests)."""
+        for batch in self._iterator if self._iterator is not None else self.loader:
+            yield collate(self.kind, batch["samples"])
+        self._iterator = None
+
+    def batch(self, indices):
+        """Trainer interface: the next batch (the stream owns the data position, not the sample indices)."""
+        return self.next_batch()
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._iterator = None

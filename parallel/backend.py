@@ -24,6 +24,9 @@ class Backend:
     def build_context(self, role: str):
         return contextlib.nullcontext()
 
+    def warm_up(self, example_inputs: dict) -> None:
+        """Backends whose lazy initialisation must see each trainable role trainable once (FSDP2 + bf16)."""
+
     @contextlib.contextmanager
     def frozen(self, modules: list[nn.Module]) -> Iterator[None]:
         """Freeze parameters (never `no_grad`: ADM backprops through the fake score and the teacher backbone)."""
@@ -37,11 +40,21 @@ class Backend:
                 p.requires_grad_(flag)
 
 
-def build_backend(name: str, dist_info, **kwargs) -> Backend:
-    if name == "data_parallel":
+def build_backend(parallel_cfg, dist_info, family, grad_clip: float, ema_decay: float) -> Backend:
+    """The backend named by `parallel.backend`, for this process group and model family."""
+    if parallel_cfg.backend == "data_parallel":
         from parallel.data_parallel import DataParallelBackend
-        return DataParallelBackend(dist_info, **kwargs)
-    raise ValueError(f"unknown parallel backend '{name}'")
+        return DataParallelBackend(dist_info, grad_clip=grad_clip, ema_decay=ema_decay)
+    if parallel_cfg.backend == "fsdp2":
+        from parallel.dims import ParallelDims
+        from parallel.fsdp import FSDP2Backend
+        dims = ParallelDims.resolve(dist_info.world_size, parallel_cfg.dp_replicate, parallel_cfg.dp_shard,
+                                    parallel_cfg.sp)
+        return FSDP2Backend(dist_info, dims, grad_clip=grad_clip, ema_decay=ema_decay,
+                            mixed_precision=parallel_cfg.mixed_precision,
+                            reshard_after_forward=parallel_cfg.reshard_after_forward,
+                            cpu_offload=parallel_cfg.cpu_offload, shard_units=family.shard_units)
+    raise ValueError(f"unknown parallel backend '{parallel_cfg.backend}'")
 
 
 def warmup_lambda(warmup_steps: int):

@@ -6,6 +6,7 @@ frozen between phases. One flattened all-reduce per backward (one collective, no
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.distributed as dist
@@ -77,6 +78,28 @@ class DataParallelBackend(Backend):
     def full_state(self, role: str) -> dict[str, torch.Tensor]:
         module = self.ema if role == "ema" else self.modules[role]
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    # --- checkpoints: every rank holds everything, so rank 0 writes one file and every rank reads it ------------
+    def save_state(self, directory: str) -> None:
+        if self.dist.rank != 0:
+            return
+        state = {"roles": {r: self.full_state(r) for r in self.optimizers},
+                 "optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
+                 "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
+                 "ema": self.full_state("ema"), "torch_rng": torch.get_rng_state()}
+        with open(os.path.join(directory, "state.pt"), "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def load_state(self, directory: str) -> None:
+        state = torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=True)
+        for role, sd in state["roles"].items():
+            self.modules[role].load_state_dict(sd)
+            self.optimizers[role].load_state_dict(state["optimizers"][role])
+            self.schedulers[role].load_state_dict(state["schedulers"][role])
+        self.ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["torch_rng"])
 
     def lr(self, role: str) -> float:
         return self.optimizers[role].param_groups[0]["lr"]

@@ -21,9 +21,17 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(timeout_seconds: int = 600) -> DistInfo:
-    """Join torchrun's process group when WORLD_SIZE > 1. The timeout makes a dead peer fail the group instead of
-    hanging it forever."""
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_seconds: int = 600, need_group: bool = False) -> DistInfo:
+    """Join torchrun's process group when WORLD_SIZE > 1. need_group: sharded backends need a process group (and a
+    device mesh) even for one process; without torchrun a one-rank group on a free loopback port is made.
+    The timeout makes a dead peer fail the group instead of hanging it forever."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -32,9 +40,14 @@ def init_distributed(timeout_seconds: int = 600) -> DistInfo:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_seconds))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    if (world_size > 1 or need_group) and not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                    timeout=timeout)
     return DistInfo(rank, world_size, local_rank, device)
 
 

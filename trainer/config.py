@@ -156,7 +156,14 @@ class DataConfig(Section):
 
 
 class ParallelConfig(Section):
-    backend: Literal["data_parallel"] = "data_parallel"
+    """How roles are spread over ranks (parallel/). dp_replicate x dp_shard x sp = world size; dp_shard -1 = the rest."""
+    backend: Literal["data_parallel", "fsdp2"] = "data_parallel"
+    dp_replicate: int = Field(1, ge=1, description="HSDP replicas (fsdp2)")
+    dp_shard: int = Field(-1, ge=-1, description="shards per replica (fsdp2); -1: world / (dp_replicate * sp)")
+    sp: int = Field(1, ge=1, description="sequence-parallel degree")
+    mixed_precision: Literal["fp32", "bf16"] = "fp32"
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
 
 
 Stage = Literal["teacher", "distill", "evaluate"]
@@ -352,6 +359,13 @@ def check_combinations(recipe: Recipe, path: str, provenance: dict) -> None:
              "stages: [teacher, distill, evaluate]")
     if recipe.teacher.pretrained is not None and not os.path.isfile(recipe.teacher.pretrained):
         fail("teacher.pretrained", f"file '{recipe.teacher.pretrained}' not found", "point at a teacher .safetensors")
+    p = recipe.parallel
+    if p.sp != 1:
+        fail("parallel.sp", "sequence parallelism is not available yet", "set parallel.sp: 1")
+    if p.backend == "data_parallel" and (p.dp_replicate != 1 or p.dp_shard not in (-1, 1) or
+                                         p.mixed_precision != "fp32" or p.cpu_offload):
+        fail("parallel.backend", "dp_replicate / dp_shard / mixed_precision / cpu_offload need a sharded backend",
+             "set parallel.backend: fsdp2")
     order = ["teacher", "distill", "evaluate"]
     if [st for st in order if st in recipe.stages] != list(recipe.stages):
         fail("stages", f"stages must be a subset in the order {order}", "e.g. [teacher, distill, evaluate]")

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     from parallel.distributed import init_distributed, shutdown
     from trainer.stages import run_distill_stage, run_evaluate_stage, run_teacher_stage
 
-    dist_info = init_distributed()
+    dist_info = init_distributed(need_group=recipe.parallel.backend != "data_parallel")
     log = (lambda msg: print(msg, flush=True)) if dist_info.is_main else (lambda msg: None)
     if recipe.distill.train.batch_size % dist_info.world_size or recipe.teacher.train.batch_size % dist_info.world_size:
         print(f"error: {args.recipe}: distill.train.batch_size: must be divisible by the world size "

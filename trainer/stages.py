@@ -67,18 +67,20 @@ def run_teacher_stage(recipe, run_dir: str, dist_info, log) -> None:
     family = build_family(recipe)
     seed = recipe.run.seed
     train = recipe.teacher.train
-    backend = build_backend(recipe.parallel.backend, dist_info, grad_clip=train.grad_clip, ema_decay=train.ema_decay)
+    backend = build_backend(recipe.parallel, dist_info, family, train.grad_clip, train.ema_decay)
     torch.manual_seed(derive_seed(seed, "init_teacher"))
     net = backend.wrap("generator", family.build_denoiser())
     backend.setup_optimizer("generator", recipe.teacher.optimizer)
     backend.setup_ema()
+    backend.warm_up(family.example_inputs(2, dist_info.device))
     trainer = DistillTrainer(stage_dir=stage_dir, stage_name="teacher", method=DenoisePretrain(recipe.teacher, family),
                              nets=Nets(generator=net), backend=backend, denoiser=build_denoiser(recipe),
                              family=family, loop=loop_config(train, seed), dist_info=dist_info, student_timesteps=[],
                              real_stream=ToyStream(family.dataset, seed))
     trainer.run()
+    ema = backend.full_state("ema")   # a collective under sharded backends: every rank calls it
     if dist_info.is_main:
-        save_atomic(backend.full_state("ema"), out_path)
+        save_atomic(ema, out_path)
     barrier()
     log(f"[teacher] wrote {out_path}")
 
@@ -96,9 +98,10 @@ def build_distill_nets(recipe, run_dir: str, backend, family, method) -> Nets:
     if "heads" in method.trains:
         torch.manual_seed(derive_seed(seed, "init_heads"))
         nets["heads"] = backend.wrap("heads", family.build_heads())
-    for role in method.trains:
+    for role in method.trains:   # optimizers on the placed (possibly sharded) parameters, before any forward
         backend.setup_optimizer(role, recipe.distill.optimizer[role])
     backend.setup_ema()
+    backend.warm_up(family.example_inputs(2, backend.dist.device))
     return Nets(**nets)
 
 
@@ -109,7 +112,7 @@ def build_distill_trainer(recipe, run_dir: str, dist_info) -> DistillTrainer:
     denoiser = build_denoiser(recipe)
     method = build_method(recipe.distill.method)
     train = recipe.distill.train
-    backend = build_backend(recipe.parallel.backend, dist_info, grad_clip=train.grad_clip, ema_decay=train.ema_decay)
+    backend = build_backend(recipe.parallel, dist_info, family, train.grad_clip, train.ema_decay)
     nets = build_distill_nets(recipe, run_dir, backend, family, method)
     generator_cfg = recipe.distill.generator
     return DistillTrainer(stage_dir=stage_dir, stage_name=f"distill:{recipe.distill.method.name}", method=method,
@@ -165,9 +168,10 @@ def run_distill_stage(recipe, run_dir: str, dist_info, log) -> None:
         with open(os.path.join(stage_dir, "teacher_ref.json"), "w") as f:
             json.dump({"path": os.path.abspath(t_path), "sha256": file_sha256(t_path)}, f, indent=1)
     trainer.run()
+    generator, ema = trainer.backend.full_state("generator"), trainer.backend.full_state("ema")   # collectives
     if dist_info.is_main:
-        save_atomic(trainer.backend.full_state("generator"), os.path.join(stage_dir, GENERATOR_FILE))
-        save_atomic(trainer.backend.full_state("ema"), out_path)
+        save_atomic(generator, os.path.join(stage_dir, GENERATOR_FILE))
+        save_atomic(ema, out_path)
     barrier()
     log(f"[distill] wrote {out_path}")
 

@@ -40,52 +40,35 @@ class DistillTrainer:
         self.denoiser, self.family, self.loop, self.dist = denoiser, family, loop, dist_info
         self.student_timesteps, self.conditioning_timestep = student_timesteps, conditioning_timestep
         self.real_stream = real_stream
-        self.checkpointer = Checkpointer(stage_dir, loop.keep_last)
+        self.checkpointer = Checkpointer(stage_dir, loop.keep_last, dist_info.is_main)
         self.step = 0
         self.samples_seen = 0
         if loop.batch_size % dist_info.world_size:
             raise ValueError(f"batch_size {loop.batch_size} is not divisible by world size {dist_info.world_size}")
 
     # --- state ------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        b = self.backend
-        return {
-            "step": self.step, "samples_seen": self.samples_seen,
-            "roles": {r: b.full_state(r) for r in b.optimizers},
-            "optimizers": {r: o.state_dict() for r, o in b.optimizers.items()},
-            "schedulers": {r: s.state_dict() for r, s in b.schedulers.items()},
-            "ema": b.full_state("ema"),
-            "torch_rng": torch.get_rng_state(),
-            # the data position: a stream's global position (survives a change of world size); the bundled toy
-            # data needs none (it is a pure function of samples_seen)
-            "data": self.real_stream.state_dict() if hasattr(self.real_stream, "state_dict") else {},
-        }
+    def extra_state(self) -> dict:
+        """Counters and the data position (JSON): a stream's global position survives a change of world size;
+        the bundled toy data needs none (it is a pure function of samples_seen)."""
+        data = self.real_stream.state_dict() if hasattr(self.real_stream, "state_dict") else {}
+        return {"step": self.step, "samples_seen": self.samples_seen, "data": data,
+                "world_size": self.dist.world_size}
 
-    def load_state_dict(self, state: dict) -> None:
-        b = self.backend
-        for role, sd in state["roles"].items():
-            b.modules[role].load_state_dict(sd)
-            b.optimizers[role].load_state_dict(state["optimizers"][role])
-            b.schedulers[role].load_state_dict(state["schedulers"][role])
-        b.ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("data") and hasattr(self.real_stream, "load_state_dict"):
-            self.real_stream.load_state_dict(state["data"])
-        self.step, self.samples_seen = state["step"], state["samples_seen"]
+    def load_extra_state(self, extra: dict) -> None:
+        self.step, self.samples_seen = extra["step"], extra["samples_seen"]
+        if extra.get("data") and hasattr(self.real_stream, "load_state_dict"):
+            self.real_stream.load_state_dict(extra["data"])
 
     def resume(self) -> bool:
         path = self.checkpointer.latest_path()
         if path is None:
             return False
-        self.load_state_dict(self.checkpointer.load(path))
+        self.backend.load_state(path)
+        self.load_extra_state(self.checkpointer.load_extra(path))
         return True
 
     def save(self) -> None:
-        state = self.state_dict()   # collective-free for data parallel; sharded backends gather on all ranks
-        if self.dist.is_main:
-            self.checkpointer.save(self.step, state)
-        if dist.is_initialized():
-            dist.barrier()
+        self.checkpointer.save(self.step, self.backend.save_state, self.extra_state())
 
     # --- one step --------------------------------------------------------------------------------------------
     def make_context(self, step: int) -> StepContext:

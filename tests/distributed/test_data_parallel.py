@@ -1,4 +1,4 @@
-"""Plain data parallel under torchrun (2 real processes, gloo): the same run on 2 ranks equals 1 rank.
+"""Data parallel and FSDP2 under torchrun (2 real processes, gloo): the same run on 2 ranks equals 1 rank.
 
 Every draw is keyed by the global sample index and the gradient all-reduce averages equal local batches, so the two
 runs differ only by float summation order."""
@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -21,16 +22,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_equal_one_rank(tmp_path):
-    overrides = ["distill.method.name=dmd2", "distill.method.ttur=2", "distill.train.steps=20",
-                 "teacher.train.steps=30", "stages=[teacher,distill]"]
-    one = tmp_path / "one"
-    two = tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "trainer.main", SMOKE, f"run.dir={one}", *overrides], check=True,
+OVERRIDES = ["distill.method.name=dmd2", "distill.method.ttur=2", "distill.train.steps=20", "teacher.train.steps=30",
+             "stages=[teacher,distill]"]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    one = tmp_path_factory.mktemp("one") / "run"
+    subprocess.run([sys.executable, "-m", "trainer.main", SMOKE, f"run.dir={one}", *OVERRIDES], check=True,
                    env=ENV, cwd=ROOT, capture_output=True, timeout=300)
+    return one
+
+
+@pytest.mark.parametrize("backend", ["data_parallel", "fsdp2"])
+def test_two_ranks_equal_one_rank(tmp_path, one_rank, backend):
+    """Teacher stage and DMD2 distillation (generator, fake score, heads, real branch) on 2 ranks, plain data
+    parallel or FSDP2-sharded, against one plain process."""
+    one = one_rank
+    two = tmp_path / "two"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-                             "-m", "trainer.main", SMOKE, f"run.dir={two}", *overrides],
+                             "-m", "trainer.main", SMOKE, f"run.dir={two}", *OVERRIDES,
+                             f"parallel.backend={backend}"],
                             env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for stage, name in (("teacher", "teacher.safetensors"), ("distill", "student.safetensors"),

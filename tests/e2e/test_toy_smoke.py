@@ -127,7 +127,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_last_complete(reference, t
     env = dict(ENV, DMDX_FAULT_SLEEP_IN_CHECKPOINT_WRITE="60:distill/checkpoints/step_0000020")
     proc = subprocess.Popen(command(run_dir), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = run_dir / "distill" / "checkpoints" / "tmp-step_0000020"
-    wait_for(lambda: (partial / "state.pt").is_file(), proc)
+    wait_for(lambda: (partial / "extra.json").is_file(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (run_dir / "distill" / "checkpoints" / "latest").read_text() == "step_0000010"

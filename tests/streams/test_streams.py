@@ -244,7 +244,7 @@ def test_trainer_checkpoints_the_stream_position_and_resumes_exactly(tmp_path):
     straight.run()
     first = trainer("b", "cache_b", 10)
     first.run()
-    assert first.state_dict()["data"]["sample_in_epoch"] == 10 * 8
+    assert first.extra_state()["data"]["sample_in_epoch"] == 10 * 8
     resumed = trainer("b", "cache_b2", 20)
     resumed.run()
     for a, b in zip(straight.nets.generator.parameters(), resumed.nets.generator.parameters()):

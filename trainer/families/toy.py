@@ -51,6 +51,11 @@ class ToyDenoiserNet(nn.Module):
 
     def forward_with_taps(self, sample: torch.Tensor, timestep: torch.Tensor,
                           class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(native prediction, tapped block outputs). Goes through __call__ so wrappers' hooks (FSDP2's
+        all-gather of the root's parameters) run as for a plain forward."""
+        return self(sample, timestep, class_labels, return_taps=True)
+
+    def forward(self, sample, timestep, class_labels=None, return_taps: bool = False):
         emb = self.time_mlp(timestep_embedding(timestep, self.time_embed_dim).to(sample.dtype))
         if self.class_embed is not None:
             emb = emb + self.class_embed(class_labels)
@@ -61,10 +66,8 @@ class ToyDenoiserNet(nn.Module):
             h = block(h, emb)
             if i in self.taps:
                 features.append(h)
-        return self.output(self.out_norm(h)), features
-
-    def forward(self, sample, timestep, class_labels=None):
-        return self.forward_with_taps(sample, timestep, class_labels)[0]
+        out = self.output(self.out_norm(h))
+        return (out, features) if return_taps else out
 
 
 class ToyFamily:
@@ -82,6 +85,25 @@ class ToyFamily:
 
     def build_heads(self) -> FeatureHeads:
         return FeatureHeads([(self.cfg.hidden,)] * len(self.cfg.taps), hidden=self.cfg.hidden)
+
+    # --- parallel plan -----------------------------------------------------------------------------------------
+    @staticmethod
+    def shard_units(module) -> list:
+        """FSDP units, sharded before the root: residual blocks of denoisers, one unit per discriminator head."""
+        if isinstance(module, ToyDenoiserNet):
+            return list(module.blocks)
+        if isinstance(module, FeatureHeads):
+            return list(module.heads)
+        return []
+
+    def example_inputs(self, batch: int, device) -> dict:
+        """Arguments of one call per role (FSDP2's bf16 warm-up)."""
+        x = torch.zeros(batch, self.dataset.data_dim, device=device)
+        t = torch.full((batch,), 500.0, device=device)
+        labels = self.null_condition(batch, device).get("class_labels")
+        features = [torch.zeros(batch, self.cfg.hidden, device=device) for _ in self.cfg.taps]
+        denoiser = (x, t, labels)
+        return {"generator": denoiser, "fake_score": denoiser, "heads": (features,)}
 
     # --- conditioning -----------------------------------------------------------------------------------
     @property

@@ -1,0 +1,146 @@
+"""FSDP2 backend: `fully_shard` per block then the root, for every role (the frozen teacher too).
+
+- Sharding over the mesh's dp_shard axis; HSDP when dp_replicate > 1 (2-D mesh: shard within, replicate across).
+- MixedPrecisionPolicy: bf16 compute, fp32 gradient reduction, fp32 master shards (parallel.mixed_precision: bf16).
+- Optimizers are built on the DTensor shards BEFORE any forward (ENV.md pitfall 5); with bf16, one no_grad forward
+  of each trainable role while it is trainable records the reduce dtype (pitfall 4), then every unit is resharded.
+- The generator's EMA is fp32 and sharded like the generator: a list of local shards updated with
+  `torch._foreach_lerp_` from the fp32 master shards: no collective, no full-parameter gather.
+- Gradient norm: torch's `get_total_norm` over DTensor gradients, made full once (`full_tensor`, one all-reduce
+  of a scalar) and applied with `clip_grads_with_norm_` (torchtitan does the same).
+- Checkpoints go through torch.distributed.checkpoint, so a checkpoint written on N ranks loads on M ranks.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from parallel.backend import Backend, make_optimizer
+
+
+class FSDP2Backend(Backend):
+    def __init__(self, dist_info, dims, grad_clip: float = 10.0, ema_decay: float = 0.999,
+                 mixed_precision: str = "fp32", reshard_after_forward: bool = True, cpu_offload: bool = False,
+                 shard_units=None):
+        self.dist, self.dims = dist_info, dims
+        self.grad_clip, self.ema_decay = grad_clip, ema_decay
+        self.mesh = dims.build_mesh(dist_info.device.type)
+        self.shard_mesh = dims.fsdp_mesh(self.mesh)
+        self.mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                          if mixed_precision == "bf16" else MixedPrecisionPolicy())
+        self.offload = CPUOffloadPolicy() if cpu_offload else None
+        self.reshard_after_forward = reshard_after_forward
+        self.shard_units = shard_units or (lambda module: [])
+        self.modules: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict = {}
+        self.ema_shards: list[torch.Tensor] = []
+        self.ema_names: list[str] = []
+
+    # --- placement -------------------------------------------------------------------------------------------
+    def wrap(self, role: str, module: nn.Module, trainable: bool = True) -> nn.Module:
+        module = module.to(self.dist.device)
+        if not trainable:
+            module.requires_grad_(False).eval()
+        kwargs = dict(mesh=self.shard_mesh, mp_policy=self.mp_policy, reshard_after_forward=self.reshard_after_forward)
+        if self.offload is not None:
+            kwargs["offload_policy"] = self.offload
+        # per block first, then the root (which holds what no block owns: embeddings, output layers)
+        for unit in self.shard_units(module):
+            fully_shard(unit, **kwargs)
+        fully_shard(module, **kwargs)
+        self.modules[role] = module
+        return module
+
+    def setup_optimizer(self, role: str, cfg) -> None:
+        self.optimizers[role], self.schedulers[role] = make_optimizer(self.modules[role].parameters(), cfg)
+
+    def setup_ema(self, role: str = "generator") -> None:
+        named = list(self.modules[role].named_parameters())
+        self.ema_names = [n for n, _ in named]
+        self.ema_params = [p for _, p in named]
+        self.ema_shards = [p.detach().to_local().float().clone() for p in self.ema_params]
+
+    def warm_up(self, example_inputs: dict) -> None:
+        """bf16 only: a no_grad forward of each trainable role while trainable, so FSDP2's lazy init records the
+        fp32 reduce dtype before roles are frozen between phases (ENV.md pitfall 4). example_inputs: role -> args."""
+        if self.mp_policy.param_dtype is None:
+            return
+        with torch.no_grad():
+            for role, args in example_inputs.items():
+                if role in self.optimizers:
+                    self.modules[role](*args)
+        for module in self.modules.values():
+            for sub in module.modules():
+                if isinstance(sub, FSDPModule):
+                    sub.reshard()
+
+    # --- steps -----------------------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, roles: tuple[str, ...]) -> None:
+        loss.backward()   # FSDP2 reduce-scatters each unit's gradients during backward
+
+    def clip_and_step(self, roles: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        norms = {}
+        for role in roles:
+            params = [p for p in self.modules[role].parameters() if p.grad is not None]
+            total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            if isinstance(total, DTensor):
+                total = total.full_tensor()   # one scalar all-reduce; stays on the device (no host sync)
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total, foreach=True)
+            norms[role] = total
+            self.optimizers[role].step()
+            self.schedulers[role].step()
+            self.optimizers[role].zero_grad(set_to_none=True)
+        return norms
+
+    @torch.no_grad()
+    def ema_update(self, role: str = "generator") -> None:
+        torch._foreach_lerp_(self.ema_shards, [p.to_local().float() for p in self.ema_params], 1.0 - self.ema_decay)
+
+    # --- state -----------------------------------------------------------------------------------------------
+    def _ema_dtensors(self) -> dict[str, DTensor]:
+        """Views of the EMA shards as DTensors laid out like the generator (no copy: DCP loads into them in place)."""
+        return {name: DTensor.from_local(shard, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                         run_check=False)
+                for name, shard, p in zip(self.ema_names, self.ema_shards, self.ema_params)}
+
+    def full_state(self, role: str) -> dict[str, torch.Tensor]:
+        """Full tensors on every rank (collective: call on all ranks)."""
+        if role == "ema":
+            return {k: v.full_tensor().cpu() for k, v in self._ema_dtensors().items()}
+        sd = get_model_state_dict(self.modules[role], options=StateDictOptions(full_state_dict=True))
+        return {k: v.detach().cpu() for k, v in sd.items()}
+
+    def _dcp_state(self) -> dict:
+        state = {"roles": {}, "ema": self._ema_dtensors(), "torch_rng": torch.get_rng_state()}
+        for role, opt in self.optimizers.items():
+            model_sd, optim_sd = get_state_dict(self.modules[role], opt)
+            state["roles"][role] = {"model": model_sd, "optim": optim_sd,
+                                    "scheduler_steps": torch.tensor(self.schedulers[role].last_epoch)}
+        return state
+
+    def save_state(self, directory: str) -> None:
+        dcp.save(self._dcp_state(), checkpoint_id=directory)
+
+    def load_state(self, directory: str) -> None:
+        state = self._dcp_state()           # current layout (also materialises empty optimizer state)
+        dcp.load(state, checkpoint_id=directory)
+        for role, opt in self.optimizers.items():
+            entry = state["roles"][role]
+            set_state_dict(self.modules[role], opt, model_state_dict=entry["model"], optim_state_dict=entry["optim"])
+            scheduler = self.schedulers[role]
+            scheduler.last_epoch = int(entry["scheduler_steps"])
+            for group, lr_lambda, base in zip(opt.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+                group["lr"] = base * lr_lambda(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in opt.param_groups]
+        torch.set_rng_state(state["torch_rng"])
+
+    def lr(self, role: str) -> float:
+        return self.optimizers[role].param_groups[0]["lr"]

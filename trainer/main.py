@@ -57,6 +57,13 @@ def main(argv=None) -> int:
 
     dist_info = init_distributed(need_group=recipe.parallel.backend != "data_parallel")
     log = (lambda msg: print(msg, flush=True)) if dist_info.is_main else (lambda msg: None)
+    from parallel.dims import ParallelDims, ParallelDimsError
+    try:
+        p = recipe.parallel
+        ParallelDims.resolve(dist_info.world_size, p.dp_replicate, p.dp_shard, p.sp)
+    except ParallelDimsError as e:
+        print(f"error: {args.recipe}: {e} (hint: match the parallel section to the process count)", file=sys.stderr)
+        return USAGE_EXIT
     if recipe.distill.train.batch_size % dist_info.world_size or recipe.teacher.train.batch_size % dist_info.world_size:
         print(f"error: {args.recipe}: distill.train.batch_size: must be divisible by the world size "
               f"{dist_info.world_size} (hint: change the batch size or the process count)", file=sys.stderr)

@@ -1,5 +1,5 @@
 """Worker for the FSDP2 tests, run under torchrun (or alone). Usage:
-  fsdp_worker.py steps  TEACHER RUN_DIR STEP_TO OUT_JSON [method]   resume if a checkpoint exists, train to STEP_TO,
+  fsdp_worker.py steps  TEACHER RUN_DIR STEP_TO OUT_JSON [method [dp_replicate]]   resume if a checkpoint exists, train to STEP_TO,
                                                                     checkpoint, write the per-step losses
   fsdp_worker.py checks TEACHER RUN_DIR OUT_JSON                    per-rank bytes, EMA: no collectives, == unsharded
 """
@@ -21,18 +21,19 @@ mode, teacher, run_dir = sys.argv[1:4]
 info = init_distributed(need_group=True)
 
 
-def build(method="adm", steps=100):
+def build(method="adm", steps=100, dp_replicate=1):
     recipe = load_recipe(os.path.join(ROOT, "recipes/tiny/toy_smoke.yaml"), [
         f"run.dir={run_dir}", "family.hidden=32", f"teacher.pretrained={teacher}", "stages=[distill]",
         "parallel.backend=fsdp2", f"distill.method.name={method}", "distill.method.ttur=1",
-        "distill.train.batch_size=8", f"distill.train.steps={steps}", "distill.train.ema_decay=0.9"])
+        "distill.train.batch_size=8", f"distill.train.steps={steps}", "distill.train.ema_decay=0.9",
+        f"parallel.dp_replicate={dp_replicate}"])
     return build_distill_trainer(recipe, run_dir, info)
 
 
 if mode == "steps":
     step_to, out = int(sys.argv[4]), sys.argv[5]
     method = sys.argv[6] if len(sys.argv) > 6 else "adm"
-    t = build(method)
+    t = build(method, dp_replicate=int(sys.argv[7]) if len(sys.argv) > 7 else 1)
     t.resume()
     losses = {}
     while t.step < step_to:

@@ -54,3 +54,13 @@ def test_checkpoint_reshards_and_next_steps_match(tmp_path, teacher, first, seco
     assert a["2"].keys() == b["2"].keys()
     for key, value in a["2"].items():
         assert b["2"][key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_hsdp_two_replicas_of_two_shards(tmp_path, teacher):
+    """4 processes, dp_replicate = 2 x dp_shard = 2: 3 DMD2 steps, a checkpoint, and the same losses as 1 process."""
+    launch(4, "steps", teacher, str(tmp_path / "hsdp"), "3", str(tmp_path / "hsdp.json"), "dmd2", "2")
+    launch(1, "steps", teacher, str(tmp_path / "one"), "3", str(tmp_path / "one.json"), "dmd2")
+    hsdp, one = json.loads((tmp_path / "hsdp.json").read_text()), json.loads((tmp_path / "one.json").read_text())
+    assert (tmp_path / "hsdp" / "distill" / "checkpoints" / "latest").read_text() == "step_0000003"
+    for key, value in one["0"].items():
+        assert hsdp["0"][key] == pytest.approx(value, rel=1e-5), key

@@ -1,0 +1,25 @@
+"""Checked-in full-size architecture configs (trainer/families/configs/*.json) and building them on the meta device
+(no weights, no download): what the memory planner and the parameter-count test use."""
+from __future__ import annotations
+
+import json
+import os
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+MODELS = ("sdxl", "sd3_medium", "sd35_large", "cogvideox_2b", "cogvideox_5b")
+
+
+def load_config(name: str) -> dict:
+    with open(os.path.join(HERE, f"{name}.json")) as f:
+        return json.load(f)
+
+
+def build_on_meta(name: str):
+    """The diffusers denoiser of `name` with meta tensors: shapes only, no memory."""
+    import diffusers
+    import torch
+    config = load_config(name)
+    cls = getattr(diffusers, config.pop("_class_name"))
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return cls(**kwargs)

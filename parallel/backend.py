@@ -53,7 +53,8 @@ def build_backend(parallel_cfg, dist_info, family, grad_clip: float, ema_decay: 
         return FSDP2Backend(dist_info, dims, grad_clip=grad_clip, ema_decay=ema_decay,
                             mixed_precision=parallel_cfg.mixed_precision,
                             reshard_after_forward=parallel_cfg.reshard_after_forward,
-                            cpu_offload=parallel_cfg.cpu_offload, shard_units=family.shard_units)
+                            cpu_offload=parallel_cfg.cpu_offload, shard_units=family.shard_units,
+                            activation_checkpointing=tuple(parallel_cfg.activation_checkpointing))
     raise ValueError(f"unknown parallel backend '{parallel_cfg.backend}'")
 
 

@@ -17,6 +17,7 @@ import os
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -28,7 +29,7 @@ from parallel.backend import Backend, make_optimizer
 class FSDP2Backend(Backend):
     def __init__(self, dist_info, dims, grad_clip: float = 10.0, ema_decay: float = 0.999,
                  mixed_precision: str = "fp32", reshard_after_forward: bool = True, cpu_offload: bool = False,
-                 shard_units=None):
+                 shard_units=None, activation_checkpointing: tuple[str, ...] = ()):
         self.dist, self.dims = dist_info, dims
         self.grad_clip, self.ema_decay = grad_clip, ema_decay
         self.mesh = dims.build_mesh(dist_info.device.type)
@@ -37,6 +38,7 @@ class FSDP2Backend(Backend):
                           if mixed_precision == "bf16" else MixedPrecisionPolicy())
         self.offload = CPUOffloadPolicy() if cpu_offload else None
         self.reshard_after_forward = reshard_after_forward
+        self.activation_checkpointing = set(activation_checkpointing)
         self.shard_units = shard_units or (lambda module: [])
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -52,8 +54,12 @@ class FSDP2Backend(Backend):
         kwargs = dict(mesh=self.shard_mesh, mp_policy=self.mp_policy, reshard_after_forward=self.reshard_after_forward)
         if self.offload is not None:
             kwargs["offload_policy"] = self.offload
-        # per block first, then the root (which holds what no block owns: embeddings, output layers)
+        # fixed order: activation checkpointing -> FSDP per block -> root (the root holds what no block owns:
+        # embeddings, output layers). Checkpointing recomputes each block's forward in backward: ~1 extra forward
+        # of compute for keeping only block inputs; frozen roles backpropagated through (ADM) benefit as well.
         for unit in self.shard_units(module):
+            if role in self.activation_checkpointing:
+                checkpoint(unit)
             fully_shard(unit, **kwargs)
         fully_shard(module, **kwargs)
         self.modules[role] = module

@@ -164,6 +164,8 @@ class ParallelConfig(Section):
     mixed_precision: Literal["fp32", "bf16"] = "fp32"
     reshard_after_forward: bool = True
     cpu_offload: bool = False
+    activation_checkpointing: list[Literal["generator", "teacher", "fake_score"]] = Field(
+        default_factory=list, description="roles whose blocks recompute activations in backward (fsdp2)")
 
 
 Stage = Literal["teacher", "distill", "evaluate"]
@@ -363,8 +365,9 @@ def check_combinations(recipe: Recipe, path: str, provenance: dict) -> None:
     if p.sp != 1:
         fail("parallel.sp", "sequence parallelism is not available yet", "set parallel.sp: 1")
     if p.backend == "data_parallel" and (p.dp_replicate != 1 or p.dp_shard not in (-1, 1) or
-                                         p.mixed_precision != "fp32" or p.cpu_offload):
-        fail("parallel.backend", "dp_replicate / dp_shard / mixed_precision / cpu_offload need a sharded backend",
+                                         p.mixed_precision != "fp32" or p.cpu_offload or p.activation_checkpointing):
+        fail("parallel.backend", "dp_replicate / dp_shard / mixed_precision / cpu_offload / activation_checkpointing "
+                                 "need a sharded backend",
              "set parallel.backend: fsdp2")
     order = ["teacher", "distill", "evaluate"]
     if [st for st in order if st in recipe.stages] != list(recipe.stages):

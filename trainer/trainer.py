@@ -95,9 +95,12 @@ class DistillTrainer:
         frozen = [m for r, m in self.nets.present().items() if r not in phase.updates and r != "generator"]
         autocast = (torch.autocast(self.dist.device.type, dtype=torch.bfloat16) if self.loop.bf16
                     else contextlib.nullcontext())
-        with self.backend.frozen(frozen), autocast:
-            out = phase.loss(ctx)
-        self.backend.backward(out.loss, phase.updates)
+        # backward inside the frozen context too: activation checkpointing recomputes forwards during backward,
+        # and they must see the same requires_grad flags as the original forward
+        with self.backend.frozen(frozen):
+            with autocast:
+                out = phase.loss(ctx)
+            self.backend.backward(out.loss, phase.updates)
         return out
 
     def train_step(self, step: int, sums: dict) -> None:

@@ -22,11 +22,12 @@ info = init_distributed(need_group=True)
 
 
 def build(method="adm", steps=100, dp_replicate=1):
+    extra = os.environ.get("DMDX_TEST_OVERRIDES", "").split()
     recipe = load_recipe(os.path.join(ROOT, "recipes/tiny/toy_smoke.yaml"), [
         f"run.dir={run_dir}", "family.hidden=32", f"teacher.pretrained={teacher}", "stages=[distill]",
         "parallel.backend=fsdp2", f"distill.method.name={method}", "distill.method.ttur=1",
         "distill.train.batch_size=8", f"distill.train.steps={steps}", "distill.train.ema_decay=0.9",
-        f"parallel.dp_replicate={dp_replicate}"])
+        f"parallel.dp_replicate={dp_replicate}", *extra])
     return build_distill_trainer(recipe, run_dir, info)
 
 

@@ -27,7 +27,7 @@ smoke: $(STAMP)
 	$(PY) -m trainer.main recipes/tiny/toy_smoke.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=8 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not full_default" tests

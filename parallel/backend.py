@@ -21,8 +21,25 @@ class Backend:
     full_state(role)         full (unsharded) state dict of a role; called on all ranks
     """
 
+    def __init__(self):
+        self.modules: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+
     def build_context(self, role: str):
         return contextlib.nullcontext()
+
+    def setup_optimizer(self, role: str, cfg) -> None:
+        """One optimizer per trainable role, on the placed (possibly sharded) parameters, before any forward."""
+        self.optimizers[role], self.schedulers[role] = make_optimizer(self.modules[role].parameters(), cfg)
+
+    def step_role(self, role: str) -> None:
+        self.optimizers[role].step()
+        self.schedulers[role].step()
+        self.optimizers[role].zero_grad(set_to_none=True)
+
+    def lr(self, role: str) -> float:
+        return self.optimizers[role].param_groups[0]["lr"]
 
     def warm_up(self, example_inputs: dict) -> None:
         """Backends whose lazy initialisation must see each trainable role trainable once (FSDP2 + bf16)."""

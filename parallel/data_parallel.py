@@ -12,16 +12,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.backend import Backend, make_optimizer
+from parallel.backend import Backend
 
 
 class DataParallelBackend(Backend):
     def __init__(self, dist_info, grad_clip: float = 10.0, ema_decay: float = 0.999):
+        super().__init__()
         self.dist = dist_info
         self.grad_clip, self.ema_decay = grad_clip, ema_decay
-        self.modules: dict[str, nn.Module] = {}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
         self.ema: nn.Module | None = None
 
     def wrap(self, role: str, module: nn.Module, trainable: bool = True) -> nn.Module:
@@ -35,9 +33,6 @@ class DataParallelBackend(Backend):
                 dist.broadcast(tensor.data, src=0)
         self.modules[role] = module
         return module
-
-    def setup_optimizer(self, role: str, cfg) -> None:
-        self.optimizers[role], self.schedulers[role] = make_optimizer(self.modules[role].parameters(), cfg)
 
     def setup_ema(self, role: str = "generator") -> nn.Module:
         self.ema = copy.deepcopy(self.modules[role]).requires_grad_(False).float()
@@ -64,9 +59,7 @@ class DataParallelBackend(Backend):
             params = [p for p in self.modules[role].parameters() if p.grad is not None]
             # returns the pre-clip total norm as a device tensor: no host sync here
             norms[role] = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
-            self.optimizers[role].step()
-            self.schedulers[role].step()
-            self.optimizers[role].zero_grad(set_to_none=True)
+            self.step_role(role)
         return norms
 
     @torch.no_grad()
@@ -101,5 +94,3 @@ class DataParallelBackend(Backend):
         self.ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
 
-    def lr(self, role: str) -> float:
-        return self.optimizers[role].param_groups[0]["lr"]

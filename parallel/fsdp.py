@@ -23,13 +23,14 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from parallel.backend import Backend, make_optimizer
+from parallel.backend import Backend
 
 
 class FSDP2Backend(Backend):
     def __init__(self, dist_info, dims, grad_clip: float = 10.0, ema_decay: float = 0.999,
                  mixed_precision: str = "fp32", reshard_after_forward: bool = True, cpu_offload: bool = False,
                  shard_units=None, activation_checkpointing: tuple[str, ...] = ()):
+        super().__init__()
         self.dist, self.dims = dist_info, dims
         self.grad_clip, self.ema_decay = grad_clip, ema_decay
         self.mesh = dims.build_mesh(dist_info.device.type)
@@ -40,9 +41,6 @@ class FSDP2Backend(Backend):
         self.reshard_after_forward = reshard_after_forward
         self.activation_checkpointing = set(activation_checkpointing)
         self.shard_units = shard_units or (lambda module: [])
-        self.modules: dict[str, nn.Module] = {}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.schedulers: dict = {}
         self.ema_shards: list[torch.Tensor] = []
         self.ema_names: list[str] = []
 
@@ -64,9 +62,6 @@ class FSDP2Backend(Backend):
         fully_shard(module, **kwargs)
         self.modules[role] = module
         return module
-
-    def setup_optimizer(self, role: str, cfg) -> None:
-        self.optimizers[role], self.schedulers[role] = make_optimizer(self.modules[role].parameters(), cfg)
 
     def setup_ema(self, role: str = "generator") -> None:
         named = list(self.modules[role].named_parameters())
@@ -101,9 +96,7 @@ class FSDP2Backend(Backend):
                 total = total.full_tensor()   # one scalar all-reduce; stays on the device (no host sync)
             torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total, foreach=True)
             norms[role] = total
-            self.optimizers[role].step()
-            self.schedulers[role].step()
-            self.optimizers[role].zero_grad(set_to_none=True)
+            self.step_role(role)
         return norms
 
     @torch.no_grad()
@@ -148,5 +141,3 @@ class FSDP2Backend(Backend):
             scheduler._last_lr = [group["lr"] for group in opt.param_groups]
         torch.set_rng_state(state["torch_rng"])
 
-    def lr(self, role: str) -> float:
-        return self.optimizers[role].param_groups[0]["lr"]

@@ -8,6 +8,7 @@ Forward process for every schedule: x_t = a_t * x0 + s_t * eps (ALGORITHMS.md §
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -39,26 +40,27 @@ def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
-class NoiseSchedule:
+class NoiseSchedule(ABC):
     """Common surface: `alpha_sigma(t)`, the time range and the few time grids the methods need."""
     kind: str
     t_max: float      # noisiest timestep the network sees
     clean_time: float  # the timestep value meaning "clean data" (a = 1, s = 0)
 
+    @abstractmethod
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(a_t, s_t) for timesteps t [B]."""
 
+    @abstractmethod
     def timesteps_from_uniform(self, u: torch.Tensor, lo_frac: float, hi_frac: float) -> torch.Tensor:
         """Map u ~ U[0,1) to training timesteps in [lo_frac*T, hi_frac*T] (DDPM: integers; flow: after the shift)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def student_timesteps(self, num_steps: int) -> list[float]:
         """K student timesteps, noisiest first (ALGORITHMS.md §5.6)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sampler_timesteps(self, num_steps: int) -> list[float]:
         """num_steps + 1 times from t_max down to clean_time for the teacher's deterministic sampler."""
-        raise NotImplementedError
 
     def snap(self, t: torch.Tensor) -> torch.Tensor:
         """Round to the schedule's time grid (DDPM: integer indices; flow: continuous)."""

@@ -5,6 +5,7 @@ function per phase returning `LossOut`. Methods do math only: no backward, no op
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -85,7 +86,7 @@ class StepContext:
         return self._generator_x0
 
 
-class Method:
+class Method(ABC):
     """Base: subclasses define `phases(step)` and the loss functions they name."""
     trains = ("generator",)          # roles this method builds optimizers for
     needs_real_data = False
@@ -93,8 +94,9 @@ class Method:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    @abstractmethod
     def phases(self, step: int) -> list[Phase]:
-        raise NotImplementedError
+        """The phases of step `step`, in order; TTUR decides which roles update now."""
 
     def generator_trains_at(self, step: int) -> bool:
         return any("generator" in p.updates for p in self.phases(step))

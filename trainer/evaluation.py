@@ -115,9 +115,12 @@ def sample_grid_png(samples: torch.Tensor, dataset: ToyDataset, path: str) -> np
         size = 512
         rgb = np.full((size, size, 3), 255, dtype=np.uint8)
         to_px = lambda v: np.clip(((v + 5) / 10 * (size - 1)).round().astype(int), 0, size - 1)  # noqa: E731
-        for mx, my in dataset.mode_means.numpy():
-            rgb[to_px(np.array([my])), :][:, ::8] = 220
-            rgb[:, to_px(np.array([mx]))][::8] = 220
+        for mx, my in dataset.mode_means.numpy():   # a light grey ring of radius 3 std around every mode
+            cx, cy = int(to_px(np.array([mx]))[0]), size - 1 - int(to_px(np.array([my]))[0])
+            radius = max(2, int(round(3 * GRID_STD / 10 * (size - 1))))
+            angles = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+            rgb[np.clip(cy + (radius * np.sin(angles)).round().astype(int), 0, size - 1),
+                np.clip(cx + (radius * np.cos(angles)).round().astype(int), 0, size - 1)] = (200, 200, 200)
         xs, ys = to_px(samples[:, 0].numpy()), to_px(samples[:, 1].numpy())
         for dx in (-1, 0, 1):
             for dy in (-1, 0, 1):

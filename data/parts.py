@@ -48,9 +48,14 @@ class PartsWriter:
         if missing:
             raise RuntimeError(f"{self.out_dir}: parts {missing[:5]} are not written; rerun the same command")
         streaming = import_streaming()
-        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))   # merge_index warns per call
-        streaming.base.util.merge_index([os.path.join(self.part_dir(j), "index.json") for j in range(num_units)],
-                                        self.out_dir, keep_local=True)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.ERROR))   # merge_index logs a warning per call through the root logger
+        try:
+            streaming.base.util.merge_index([os.path.join(self.part_dir(j), "index.json") for j in range(num_units)],
+                                            self.out_dir, keep_local=True)
+        finally:
+            root.setLevel(level)
         with open(os.path.join(self.out_dir, "index.json")) as f:
             return f"{sum(s['samples'] for s in json.load(f)['shards'])} samples in {self.out_dir}"
 

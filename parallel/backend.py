@@ -8,12 +8,16 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from parallel.loading import load_full_state
+
 
 class Backend:
     """Owns the roles' placement, optimizers, EMA and gradient reduction.
 
-    build_context(role)      context to build a role in (meta device / zero.Init in sharded backends)
-    wrap(role, module)       place a role (shard, replicate); returns the module to call
+    build_role(role, build, source, trainable)
+                             build a role (meta device / zero.Init in sharded backends), place it, load its weights
+                             from a StateSource slice by slice; returns the module to call
+    wrap(role, module)       place an already built role (shard, replicate)
     frozen(*roles)           context: parameters of those roles do not require grad (input grads still flow)
     backward(loss, roles)    one backward; reduce the roles' gradients across data-parallel ranks
     clip_and_step(roles)     clip each role's gradient, step its optimizer; returns {role: norm} device tensors
@@ -26,8 +30,16 @@ class Backend:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
 
-    def build_context(self, role: str):
-        return contextlib.nullcontext()
+    def wrap(self, role: str, module: nn.Module, trainable: bool = True) -> nn.Module:
+        raise NotImplementedError
+
+    def build_role(self, role: str, build, source=None, trainable: bool = True) -> nn.Module:
+        """Build a role with `build()`, place it, and load its weights from `source` (a parallel.loading
+        StateSource) if given. Sharded backends override this so that no rank materialises the full role."""
+        module = build()
+        if source is not None:
+            load_full_state(module, source)
+        return self.wrap(role, module, trainable)
 
     def setup_optimizer(self, role: str, cfg) -> None:
         """One optimizer per trainable role, on the placed (possibly sharded) parameters, before any forward."""
@@ -62,6 +74,11 @@ def build_backend(parallel_cfg, dist_info, family, grad_clip: float, ema_decay: 
     if parallel_cfg.backend == "data_parallel":
         from parallel.data_parallel import DataParallelBackend
         return DataParallelBackend(dist_info, grad_clip=grad_clip, ema_decay=ema_decay)
+    if parallel_cfg.backend == "zero3":
+        from parallel.zero3 import Zero3Backend
+        return Zero3Backend(dist_info, grad_clip=grad_clip, ema_decay=ema_decay,
+                            mixed_precision=parallel_cfg.mixed_precision,
+                            persistence_threshold=parallel_cfg.zero3_persistence_threshold)
     if parallel_cfg.backend == "fsdp2":
         from parallel.dims import ParallelDims
         from parallel.fsdp import FSDP2Backend

@@ -48,6 +48,9 @@ def init_distributed(timeout_seconds: int = 600, need_group: bool = False) -> Di
         else:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
                                     timeout=timeout)
+            # what torchrun would have set: DeepSpeed reads these
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(key, value)
     return DistInfo(rank, world_size, local_rank, device)
 
 

@@ -22,8 +22,27 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from parallel.backend import Backend
+
+
+def load_local_shards(module: nn.Module, source) -> None:
+    """Copy each parameter's local shard (dim-0 rows: FSDP2 shards dim 0) from the source; nothing else is read."""
+    from parallel.loading import check_keys
+    check_keys(module, source)
+    buffers = [n for n, _ in module.named_buffers()]
+    if buffers:   # to_empty leaves buffers uninitialised; the families here have none (a test checks)
+        raise NotImplementedError(f"meta-device loading of modules with buffers ({buffers[:3]}) is not supported")
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            local = param.to_local()
+            if param.dim() == 0:
+                local.copy_(source.full(name))
+                continue
+            local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                                         param.placements)
+            local.copy_(source.rows(name, offset[0], offset[0] + local_shape[0]).view(local_shape))
 
 
 class FSDP2Backend(Backend):
@@ -46,7 +65,21 @@ class FSDP2Backend(Backend):
 
     # --- placement -------------------------------------------------------------------------------------------
     def wrap(self, role: str, module: nn.Module, trainable: bool = True) -> nn.Module:
-        module = module.to(self.dist.device)
+        return self._shard(role, module.to(self.dist.device), trainable)
+
+    def build_role(self, role: str, build, source=None, trainable: bool = True) -> nn.Module:
+        """With a source: build on the meta device (no memory), shard, allocate only the local shards, and read
+        each shard's rows from the source (parallel/loading.py). A rank's memory grows by its shards only."""
+        if source is None:
+            return self.wrap(role, build(), trainable)
+        with torch.device("meta"):
+            module = build()
+        module = self._shard(role, module, trainable)
+        module.to_empty(device="cpu" if self.offload is not None else self.dist.device)
+        load_local_shards(module, source)
+        return module
+
+    def _shard(self, role: str, module: nn.Module, trainable: bool) -> nn.Module:
         if not trainable:
             module.requires_grad_(False).eval()
         kwargs = dict(mesh=self.shard_mesh, mp_policy=self.mp_policy, reshard_after_forward=self.reshard_after_forward)

@@ -44,7 +44,19 @@ class ToyFamilyConfig(Section):
     taps: list[int] = Field(default_factory=lambda: [1, 2, 3], description="block indices whose outputs feed heads")
 
 
-FamilyConfig = Annotated[Union[ToyFamilyConfig], Field(discriminator="name")]
+class SDXLFamilyConfig(Section):
+    """SDXL's UNet (trainer/families/sdxl.py). The architecture comes from `teacher.pretrained` when it is a
+    diffusers folder or hub id, else from the checked-in config `model` (`sdxl`, or the tiny twin `sdxl_tiny`)."""
+    name: Literal["sdxl"] = "sdxl"
+    model: Literal["sdxl", "sdxl_tiny"] = "sdxl"
+    resolution: int = Field(1024, gt=0, multiple_of=8, description="pixels; latents are resolution / 8")
+    num_prompts: int = Field(64, gt=0, description="rows of the prompt-embedding table (until text encoders)")
+    prompt_length: int = Field(77, gt=0, description="tokens per prompt embedding")
+    prompt_seed: int = 0
+    head_hidden: int = Field(128, gt=0, description="channels of each discriminator head's conv")
+
+
+FamilyConfig = Annotated[Union[ToyFamilyConfig, SDXLFamilyConfig], Field(discriminator="name")]
 
 
 class ScheduleConfig(Section):
@@ -157,13 +169,16 @@ class DataConfig(Section):
 
 class ParallelConfig(Section):
     """How roles are spread over ranks (parallel/). dp_replicate x dp_shard x sp = world size; dp_shard -1 = the rest."""
-    backend: Literal["data_parallel", "fsdp2"] = "data_parallel"
+    backend: Literal["data_parallel", "fsdp2", "zero3"] = "data_parallel"
     dp_replicate: int = Field(1, ge=1, description="HSDP replicas (fsdp2)")
     dp_shard: int = Field(-1, ge=-1, description="shards per replica (fsdp2); -1: world / (dp_replicate * sp)")
     sp: int = Field(1, ge=1, description="sequence-parallel degree")
     mixed_precision: Literal["fp32", "bf16"] = "fp32"
     reshard_after_forward: bool = True
     cpu_offload: bool = False
+    zero3_persistence_threshold: int = Field(
+        100_000, ge=0, description="zero3: parameters with fewer elements stay replicated (DeepSpeed's "
+                                   "stage3_param_persistence_threshold)")
     activation_checkpointing: list[Literal["generator", "teacher", "fake_score"]] = Field(
         default_factory=list, description="roles whose blocks recompute activations in backward (fsdp2)")
 
@@ -344,14 +359,22 @@ def check_combinations(recipe: Recipe, path: str, provenance: dict) -> None:
         fail("distill.method.dt_frac", "t_min_frac + dt_frac must stay below t_max_frac (t - dt must stay valid)",
              "lower dt_frac or widen the t range")
     family = recipe.family
-    conditional = family.dataset == "digits"
-    if not conditional and m.guidance_scale != 1.0:
-        fail("distill.method.guidance_scale", f"dataset '{family.dataset}' is unconditional: CFG needs labels",
-             "set guidance_scale: 1.0 or use dataset: digits")
-    depth = family.depth
-    bad = [t for t in family.taps if not 0 <= t < depth]
-    if bad or not family.taps:
-        fail("family.taps", f"tap indices must lie in [0, {depth}) (got {family.taps})", "taps are block indices")
+    if family.name == "toy":
+        conditional = family.dataset == "digits"
+        if not conditional and m.guidance_scale != 1.0:
+            fail("distill.method.guidance_scale", f"dataset '{family.dataset}' is unconditional: CFG needs labels",
+                 "set guidance_scale: 1.0 or use dataset: digits")
+        depth = family.depth
+        bad = [t for t in family.taps if not 0 <= t < depth]
+        if bad or not family.taps:
+            fail("family.taps", f"tap indices must lie in [0, {depth}) (got {family.taps})", "taps are block indices")
+    else:
+        if "teacher" in recipe.stages:
+            fail("stages", f"the teacher stage trains toy teachers only; family '{family.name}' distills a "
+                           f"pretrained one", "drop 'teacher' from stages and set teacher.pretrained")
+        if m.name == "dmd2" and recipe.data.real_remote is None:
+            fail("data.real_remote", f"{m.name} on family '{family.name}' needs a real_latents stream",
+                 "convert images with `python -m data.convert images ... --vae` and set data.real_remote")
     g = recipe.distill.generator
     if g.conditioning_timestep is not None and g.num_steps != 1:
         fail("distill.generator.conditioning_timestep", "only one-step students take a conditioning timestep",
@@ -359,11 +382,20 @@ def check_combinations(recipe: Recipe, path: str, provenance: dict) -> None:
     if "distill" in recipe.stages and recipe.teacher.pretrained is None and "teacher" not in recipe.stages:
         fail("stages", "distill needs a teacher: list the 'teacher' stage or set teacher.pretrained",
              "stages: [teacher, distill, evaluate]")
-    if recipe.teacher.pretrained is not None and not os.path.isfile(recipe.teacher.pretrained):
-        fail("teacher.pretrained", f"file '{recipe.teacher.pretrained}' not found", "point at a teacher .safetensors")
+    pretrained = recipe.teacher.pretrained
+    if pretrained is not None and family.name == "toy" and not os.path.isfile(pretrained):
+        fail("teacher.pretrained", f"file '{pretrained}' not found", "point at a teacher .safetensors")
+    if pretrained is not None and family.name != "toy" and not os.path.exists(pretrained) and (
+            pretrained.startswith((".", "/")) or pretrained.count("/") != 1):
+        fail("teacher.pretrained", f"'{pretrained}' is neither a local folder nor a hub id",
+             "a diffusers pipeline folder (with unet/), a model folder, or a hub id such as "
+             "stabilityai/stable-diffusion-xl-base-1.0 in the local cache")
     p = recipe.parallel
     if p.sp != 1:
         fail("parallel.sp", "sequence parallelism is not available yet", "set parallel.sp: 1")
+    if p.backend == "zero3" and (p.dp_replicate != 1 or p.dp_shard not in (-1, 1) or p.cpu_offload):
+        fail("parallel.backend", "zero3 shards every role over all ranks (dp_replicate / dp_shard / cpu_offload are "
+                                 "FSDP2 settings)", "set parallel.backend: fsdp2 for HSDP or offload")
     if p.backend == "data_parallel" and (p.dp_replicate != 1 or p.dp_shard not in (-1, 1) or
                                          p.mixed_precision != "fp32" or p.cpu_offload or p.activation_checkpointing):
         fail("parallel.backend", "dp_replicate / dp_shard / mixed_precision / cpu_offload / activation_checkpointing "

@@ -104,10 +104,13 @@ class Denoiser:
         pred_cond, pred_uncond = both.chunk(2)
         return self.to_views(apply_cfg(pred_cond, pred_uncond, guidance_scale), x_t, t)
 
-    def predict_with_taps(self, net, x_t, t, cond: Cond) -> tuple[Prediction, list[torch.Tensor]]:
-        """Conditional call that also returns the family's tapped features (discriminator backbones)."""
-        native, features = net.forward_with_taps(x_t, t, **cond)
-        return self.to_views(native, x_t, t), features
+    @staticmethod
+    def tapped_features(net, x_t, t, cond: Cond) -> list[torch.Tensor]:
+        """The family's tapped features of a conditional call (discriminator backbones), per tap [B, C, ...].
+
+        Goes through the module's __call__ with `taps_only=True`, so wrappers' hooks (FSDP2's root all-gather,
+        ZeRO-3's parameter fetch) run as for a plain forward, and the network may stop after its last tap."""
+        return net(x_t, t, **cond, taps_only=True)
 
     # --- ODE ---------------------------------------------------------------------------------------------
     def ode_step(self, pred: Prediction, x_t: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ by a learnable softmax weight vector ("dynamically weighted"). The head kind fol
   [B, C]          -> MLP head (toy backbones)
   [B, C, H, W]    -> 2-D head: Conv3x3 -> GroupNorm -> SiLU -> Conv1x1 (UNet / MMDiT token grids)
   [B, C, T, H, W] -> 3-D head: the same with 3x3x3 convs (video)
-Features come from the family's `forward_with_taps`, never from forward hooks (hooks fire again during
+Features come from the family's `forward(..., taps_only=True)`, never from forward hooks (hooks fire again during
 activation-checkpoint recompute and break compiled graphs).
 """
 from __future__ import annotations

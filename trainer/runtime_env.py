@@ -9,6 +9,7 @@ Each default below was seen failing without it on the project's CPU machines (sh
 Everything is `setdefault`: a user's explicit value always wins.
 """
 import os
+import warnings
 
 
 def apply_runtime_defaults() -> None:
@@ -17,3 +18,7 @@ def apply_runtime_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# DeepSpeed and FSDP2 call the c10d names torch deprecated in favour of *_single; the warning repeats every step
+warnings.filterwarnings("ignore", category=FutureWarning,
+                        message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")

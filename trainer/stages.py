@@ -54,6 +54,24 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def folder_fingerprint(path: str) -> str:
+    """A cheap identity of a pretrained folder (config files' bytes, weight files' names and sizes): hashing every
+    byte of a 16 GB teacher at each start would cost minutes."""
+    if not os.path.isdir(path):
+        return f"hub:{path}"
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            h.update(os.path.relpath(full, path).encode())
+            if name.endswith(".json"):
+                with open(full, "rb") as f:
+                    h.update(f.read())
+            else:
+                h.update(str(os.path.getsize(full)).encode())
+    return h.hexdigest()
+
+
 def teacher_path(recipe, run_dir: str) -> str:
     return recipe.teacher.pretrained or os.path.join(run_dir, "teacher", TEACHER_FILE)
 
@@ -69,8 +87,9 @@ def run_teacher_stage(recipe, run_dir: str, dist_info, log) -> None:
     train = recipe.teacher.train
     backend = build_backend(recipe.parallel, dist_info, family, train.grad_clip, train.ema_decay)
     torch.manual_seed(derive_seed(seed, "init_teacher"))
-    net = backend.wrap("generator", family.build_denoiser())
+    net = backend.build_role("generator", family.build_denoiser)
     backend.setup_optimizer("generator", recipe.teacher.optimizer)
+    net = backend.modules["generator"]   # what to call: ZeRO-3 hands back its engine once the optimizer exists
     backend.setup_ema()
     backend.warm_up(family.example_inputs(2, dist_info.device))
     trainer = DistillTrainer(stage_dir=stage_dir, stage_name="teacher", method=DenoisePretrain(recipe.teacher, family),
@@ -89,20 +108,18 @@ def build_distill_nets(recipe, run_dir: str, backend, family, method) -> Nets:
     """Teacher (frozen) from its file; generator and fake score initialised from the teacher's weights; fresh
     heads (seeded). One optimizer per trainable role, and the generator's fp32 EMA."""
     seed = recipe.run.seed
-    teacher_state = load_file(teacher_path(recipe, run_dir))
     nets = {}
-    for role in ("teacher",) + tuple(r for r in ("generator", "fake_score") if r in method.trains):
-        module = family.build_denoiser()
-        module.load_state_dict(teacher_state)
-        nets[role] = backend.wrap(role, module, trainable=role != "teacher")
+    with family.teacher_source(teacher_path(recipe, run_dir)) as source:   # read slice by slice, per rank
+        for role in ("teacher",) + tuple(r for r in ("generator", "fake_score") if r in method.trains):
+            nets[role] = backend.build_role(role, family.build_denoiser, source, trainable=role != "teacher")
     if "heads" in method.trains:
         torch.manual_seed(derive_seed(seed, "init_heads"))
-        nets["heads"] = backend.wrap("heads", family.build_heads())
+        nets["heads"] = backend.build_role("heads", family.build_heads)
     for role in method.trains:   # optimizers on the placed (possibly sharded) parameters, before any forward
         backend.setup_optimizer(role, recipe.distill.optimizer[role])
     backend.setup_ema()
     backend.warm_up(family.example_inputs(2, backend.dist.device))
-    return Nets(**nets)
+    return Nets(**{role: backend.modules[role] for role in nets})
 
 
 def build_distill_trainer(recipe, run_dir: str, dist_info) -> DistillTrainer:
@@ -166,7 +183,9 @@ def run_distill_stage(recipe, run_dir: str, dist_info, log) -> None:
         # frozen roles are recorded by path and hash, not copied into checkpoints
         t_path = teacher_path(recipe, run_dir)
         with open(os.path.join(stage_dir, "teacher_ref.json"), "w") as f:
-            json.dump({"path": os.path.abspath(t_path), "sha256": file_sha256(t_path)}, f, indent=1)
+            json.dump({"path": os.path.abspath(t_path) if os.path.exists(t_path) else t_path,
+                       "sha256": file_sha256(t_path) if os.path.isfile(t_path) else folder_fingerprint(t_path)},
+                      f, indent=1)
     trainer.run()
     generator, ema = trainer.backend.full_state("generator"), trainer.backend.full_state("ema")   # collectives
     if dist_info.is_main:

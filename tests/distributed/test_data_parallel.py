@@ -34,7 +34,7 @@ def one_rank(tmp_path_factory):
     return one
 
 
-@pytest.mark.parametrize("backend", ["data_parallel", "fsdp2"])
+@pytest.mark.parametrize("backend", ["data_parallel", "fsdp2", "zero3"])
 def test_two_ranks_equal_one_rank(tmp_path, one_rank, backend):
     """Teacher stage and DMD2 distillation (generator, fake score, heads, real branch) on 2 ranks, plain data
     parallel or FSDP2-sharded, against one plain process."""

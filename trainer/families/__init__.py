@@ -8,4 +8,9 @@ def build_family(recipe):
     if recipe.family.name == "toy":
         from trainer.families.toy import ToyFamily
         return ToyFamily(recipe.family)
+    if recipe.family.name == "sdxl":
+        from trainer.families.sdxl import SDXLFamily
+        pretrained = recipe.teacher.pretrained
+        return SDXLFamily(recipe.family, pretrained if pretrained and not pretrained.endswith(".safetensors")
+                          else None)
     raise ValueError(f"unknown family '{recipe.family.name}'")

@@ -1,7 +1,7 @@
 """The toy family: small residual MLP denoisers on 64-D digits or 2-D Gaussian grids.
 
 It goes through the same family / role / method / trainer code as the large models: a network called as
-`net(sample, timestep, **cond)`, taps from `forward_with_taps`, conditions as dicts, a null class for CFG.
+`net(sample, timestep, **cond)`, taps from `forward(..., taps_only=True)`, conditions as dicts, a null class for CFG.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from data.toy import ToyDataset, class_labels_for, load_toy
+from parallel.loading import StateSource
 from trainer.heads import FeatureHeads
 
 
@@ -49,13 +50,8 @@ class ToyDenoiserNet(nn.Module):
         self.out_norm = nn.LayerNorm(hidden)
         self.output = nn.Linear(hidden, data_dim)
 
-    def forward_with_taps(self, sample: torch.Tensor, timestep: torch.Tensor,
-                          class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(native prediction, tapped block outputs). Goes through __call__ so wrappers' hooks (FSDP2's
-        all-gather of the root's parameters) run as for a plain forward."""
-        return self(sample, timestep, class_labels, return_taps=True)
-
-    def forward(self, sample, timestep, class_labels=None, return_taps: bool = False):
+    def forward(self, sample, timestep, class_labels=None, taps_only: bool = False):
+        """Native prediction [B, D]; with taps_only, the tapped block outputs (list of [B, hidden]) instead."""
         emb = self.time_mlp(timestep_embedding(timestep, self.time_embed_dim).to(sample.dtype))
         if self.class_embed is not None:
             emb = emb + self.class_embed(class_labels)
@@ -66,8 +62,9 @@ class ToyDenoiserNet(nn.Module):
             h = block(h, emb)
             if i in self.taps:
                 features.append(h)
-        out = self.output(self.out_norm(h))
-        return (out, features) if return_taps else out
+                if taps_only and len(features) == len(self.taps):
+                    return features
+        return self.output(self.out_norm(h))
 
 
 class ToyFamily:
@@ -82,6 +79,10 @@ class ToyFamily:
         c = self.cfg
         return ToyDenoiserNet(self.dataset.data_dim, c.hidden, c.depth, self.dataset.num_classes,
                               c.time_embed_dim, c.taps)
+
+    def teacher_source(self, path: str) -> StateSource:
+        """The teacher's weights: the teacher stage's safetensors file."""
+        return StateSource(path)
 
     def build_heads(self) -> FeatureHeads:
         return FeatureHeads([(self.cfg.hidden,)] * len(self.cfg.taps), hidden=self.cfg.hidden)

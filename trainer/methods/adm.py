@@ -49,7 +49,7 @@ class ADM(DMD):
 
     def discriminator_logits(self, ctx: StepContext, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """D(x, t - dt, c): conditional teacher forward (no CFG) with taps, then the heads."""
-        _, features = ctx.denoiser.predict_with_taps(ctx.nets.teacher, x, u, ctx.cond)
+        features = ctx.denoiser.tapped_features(ctx.nets.teacher, x, u, ctx.cond)
         return ctx.nets.heads(features)
 
     def generator_loss(self, ctx: StepContext) -> LossOut:
@@ -71,7 +71,7 @@ class ADM(DMD):
             x_real = ctx.denoiser.ode_step(real, x_t, t, u)
             x_fake = self.fake_step(ctx, x_t, t, u)
             # one backbone pass for both sides: the frozen teacher is gathered once per phase
-            _, features = ctx.denoiser.predict_with_taps(
+            features = ctx.denoiser.tapped_features(
                 ctx.nets.teacher, torch.cat([x_real, x_fake]), torch.cat([u, u]),
                 cat_conditions(ctx.cond, ctx.cond))
         logits = ctx.nets.heads([f.detach() for f in features])

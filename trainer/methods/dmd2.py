@@ -29,7 +29,7 @@ class DMD2(DMD):
 
     def discriminator_logits(self, ctx: StepContext, x: torch.Tensor, purpose: str, cond) -> torch.Tensor:
         x_t, t, _ = self.noised(ctx, x, purpose, 0.0, 1.0)
-        _, features = ctx.denoiser.predict_with_taps(ctx.nets.fake_score, x_t, t, cond)
+        features = ctx.denoiser.tapped_features(ctx.nets.fake_score, x_t, t, cond)
         return ctx.nets.heads(features)
 
     def generator_loss(self, ctx: StepContext) -> LossOut:

@@ -53,6 +53,15 @@ class Backend:
     def lr(self, role: str) -> float:
         return self.optimizers[role].param_groups[0]["lr"]
 
+    def full_grads(self, role: str) -> dict[str, torch.Tensor]:
+        """Full fp32 gradients of a role after backward and before the step (tests; collective under sharding)."""
+        return {n: p.grad.detach().float().cpu().clone() for n, p in self.modules[role].named_parameters()
+                if p.grad is not None}
+
+    def local_param_bytes(self, role: str) -> int:
+        """Bytes of the role's parameters held by this rank."""
+        return sum(p.numel() * p.element_size() for p in self.modules[role].parameters())
+
     def warm_up(self, example_inputs: dict) -> None:
         """Backends whose lazy initialisation must see each trainable role trainable once (FSDP2 + bf16)."""
 

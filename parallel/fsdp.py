@@ -136,6 +136,13 @@ class FSDP2Backend(Backend):
     def ema_update(self, role: str = "generator") -> None:
         torch._foreach_lerp_(self.ema_shards, [p.to_local().float() for p in self.ema_params], 1.0 - self.ema_decay)
 
+    def full_grads(self, role: str) -> dict[str, torch.Tensor]:
+        return {n: p.grad.full_tensor().float().cpu() for n, p in self.modules[role].named_parameters()
+                if p.grad is not None}
+
+    def local_param_bytes(self, role: str) -> int:
+        return sum(p.to_local().numel() * p.element_size() for p in self.modules[role].parameters())
+
     # --- state -----------------------------------------------------------------------------------------------
     def _ema_dtensors(self) -> dict[str, DTensor]:
         """Views of the EMA shards as DTensors laid out like the generator (no copy: DCP loads into them in place)."""

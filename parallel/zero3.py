@@ -123,8 +123,12 @@ class Zero3Backend(Backend):
     def full_grads(self, role: str) -> dict[str, torch.Tensor]:
         """Full fp32 gradients of a role after backward, before the step (tests). Collective."""
         from deepspeed.utils import safe_get_full_grad
-        return {n: safe_get_full_grad(p).detach().float().cpu().clone()
-                for n, p in self.raw[role].named_parameters()}
+        grads = {n: safe_get_full_grad(p) for n, p in self.raw[role].named_parameters()}
+        return {n: g.detach().float().cpu().clone() for n, g in grads.items() if g is not None}
+
+    def local_param_bytes(self, role: str) -> int:
+        """This rank's partitions (ds_tensor: padded to equal sizes; persistent small parameters whole)."""
+        return sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in self.raw[role].parameters())
 
     # --- EMA -------------------------------------------------------------------------------------------------
     def _local_fp32(self, role: str) -> list[torch.Tensor]:

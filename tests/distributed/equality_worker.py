@@ -1,0 +1,58 @@
+"""Worker for tests/distributed/test_backend_equality.py: one launch runs DMD, DMD2 and ADM on the toy and on the tiny
+SDXL twin under one backend and writes, per case, the step-0 gradients of every updated role (before clipping), the
+losses of steps 0-4 and this rank's parameter bytes per role.
+
+Usage (torchrun or alone): equality_worker.py BACKEND OUT_DIR TOY_TEACHER SDXL_TEACHER_DIR REAL_LATENTS_STREAM
+"""
+import json
+import os
+import sys
+from collections import defaultdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+import trainer  # noqa: E402,F401
+import torch  # noqa: E402
+
+from parallel.distributed import init_distributed  # noqa: E402
+from trainer.config import load_recipe  # noqa: E402
+from trainer.stages import build_distill_trainer  # noqa: E402
+
+backend, out_dir, toy_teacher, sdxl_teacher, real_stream = sys.argv[1:6]
+info = init_distributed(need_group=backend != "data_parallel")
+STEPS = 5
+FAMILIES = {
+    "toy": ("recipes/tiny/toy_smoke.yaml", [f"teacher.pretrained={toy_teacher}", "family.hidden=32",
+                                             "distill.train.batch_size=8"]),
+    "sdxl": ("recipes/tiny/sdxl_tiny.yaml", [f"teacher.pretrained={sdxl_teacher}", f"data.real_remote={real_stream}",
+                                              "distill.train.batch_size=4"]),
+}
+
+for family, (recipe_path, family_overrides) in FAMILIES.items():
+    for method in ("dmd", "dmd2", "adm"):
+        case = f"{family}_{method}"
+        run_dir = os.path.join(out_dir, f"run_{case}_{backend}_{info.world_size}")
+        recipe = load_recipe(os.path.join(ROOT, recipe_path), [
+            f"run.dir={run_dir}", "stages=[distill]", f"parallel.backend={backend}",
+            "parallel.zero3_persistence_threshold=0", f"distill.method.name={method}", "distill.method.ttur=1",
+            f"distill.train.steps={STEPS}", f"data.real_local={run_dir}/real_cache", *family_overrides])
+        t = build_distill_trainer(recipe, run_dir, info)
+        grads, losses = {}, {}
+        for step in range(STEPS):
+            sums = defaultdict(list)
+            ctx = t.make_context(step)
+            for phase in t.method.phases(step):
+                out = t.phase_backward(phase, ctx)
+                if step == 0:
+                    for role in phase.updates:
+                        grads[f"{phase.name}/{role}"] = t.backend.full_grads(role)   # collective
+                t.backend.clip_and_step(phase.updates)
+                if "generator" in phase.updates:
+                    t.backend.ema_update()
+                sums[f"loss/{phase.name}"].append(out.loss.detach())
+            losses[step] = t.reduce_metrics(sums)
+        local_bytes = {role: t.backend.local_param_bytes(role) for role in t.nets.present()}
+        if info.is_main:
+            torch.save(grads, os.path.join(out_dir, f"{case}_{backend}_{info.world_size}_grads.pt"))
+            json.dump({"losses": losses, "local_param_bytes": local_bytes},
+                      open(os.path.join(out_dir, f"{case}_{backend}_{info.world_size}.json"), "w"))

@@ -1,6 +1,6 @@
 """Reading pretrained weights a slice at a time, so that no rank ever materialises every full role.
 
-A `StateSource` opens safetensors lazily (memory-mapped): `full(name)` reads one tensor, `rows(name, start, stop)`
+A `StateSource` reads safetensors lazily: `full(name)` reads one tensor, `rows(name, start, stop)`
 reads rows of dim 0 only (FSDP2's Shard(0) shards), `flat_range(name, start, stop)` a contiguous range of the
 flattened tensor (ZeRO-3 partitions). Bytes outside the requested range are never touched, so a rank's resident
 memory grows by its shard, not by the file.
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import ExitStack
+import math
+import struct
 
 import torch
-from safetensors import safe_open
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -34,66 +34,95 @@ def resolve_model_dir(path_or_id: str, subfolder: str | None = None) -> str:
     return root
 
 
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+def read_header(path: str) -> tuple[int, dict]:
+    """(offset of the data section, {name: entry}) of a safetensors file: an 8-byte little-endian header size, then
+    a JSON header of {name: {dtype, shape, data_offsets: [begin, end]}} (offsets relative to the data section)."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
 class StateSource:
-    """Lazy, sliceable access to a state dict stored as safetensors. Use as a context manager."""
+    """Sliceable access to a state dict stored as safetensors. Use as a context manager.
+
+    Reads are positioned file reads of exactly the requested bytes (not mmap: safetensors' `get_slice` maps and
+    touches the whole tensor, which made each of 2 ranks' resident memory grow by the full file)."""
 
     def __init__(self, path: str, subfolder: str | None = None):
         if os.path.isfile(path):
-            files = {None: path}
-            index = None
+            files = [path]
         else:
             folder = resolve_model_dir(path, subfolder)
             index_path = os.path.join(folder, WEIGHTS + ".index.json")
             if os.path.isfile(index_path):
                 with open(index_path) as f:
-                    index = json.load(f)["weight_map"]
-                files = {name: os.path.join(folder, name) for name in set(index.values())}
+                    files = [os.path.join(folder, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
             elif os.path.isfile(os.path.join(folder, WEIGHTS)):
-                files, index = {None: os.path.join(folder, WEIGHTS)}, None
+                files = [os.path.join(folder, WEIGHTS)]
             else:
                 raise FileNotFoundError(f"{folder}: no {WEIGHTS} (or its .index.json); hint: save the model with "
                                         f"save_pretrained(..., safe_serialization=True)")
-        self._files, self._index = files, index
-        self._stack = ExitStack()
+        self._entries: dict[str, tuple[str, int, dict]] = {}
+        for file in files:
+            data_start, header = read_header(file)
+            for name, entry in header.items():
+                self._entries[name] = (file, data_start, entry)
         self._handles: dict = {}
 
     def __enter__(self) -> "StateSource":
-        for key, path in self._files.items():
-            self._handles[key] = self._stack.enter_context(safe_open(path, framework="pt"))
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
-    def _handle(self, name: str):
-        return self._handles[self._index[name] if self._index else None]
-
     def keys(self) -> list[str]:
-        return sorted(self._index) if self._index else sorted(self._handles[None].keys())
+        return sorted(self._entries)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._entries[name][2]["shape"])
+
+    def _read(self, name: str, first: int, count: int) -> torch.Tensor:
+        """Elements [first, first + count) of the flattened tensor, as a new 1-D tensor."""
+        file, data_start, entry = self._entries[name]
+        dtype = DTYPES[entry["dtype"]]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if file not in self._handles:
+            self._handles[file] = open(file, "rb")
+        handle = self._handles[file]
+        handle.seek(data_start + entry["data_offsets"][0] + first * itemsize)
+        buffer = bytearray(count * itemsize)
+        if count and handle.readinto(buffer) != len(buffer):
+            raise IOError(f"{file}: short read of '{name}'")
+        if not count:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype)
 
     def full(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        shape = self.shape(name)
+        return self._read(name, 0, math.prod(shape)).view(shape)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of dim 0 (a 0-d tensor is returned whole)."""
-        view = self._handle(name).get_slice(name)
-        if len(view.get_shape()) == 0:
+        shape = self.shape(name)
+        if not shape:
             return self.full(name)
-        return view[start:stop]
+        row = math.prod(shape[1:])
+        stop = min(stop, shape[0])
+        start = min(start, stop)
+        return self._read(name, start * row, (stop - start) * row).view(stop - start, *shape[1:])
 
     def flat_range(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of the flattened tensor, reading only the rows that cover them."""
-        view = self._handle(name).get_slice(name)
-        shape = view.get_shape()
-        if len(shape) <= 1:
-            return self.full(name).reshape(-1)[start:stop] if not shape else view[start:stop].reshape(-1)
-        row = 1
-        for dim in shape[1:]:
-            row *= dim
-        first, last = start // row, -(-stop // row)
-        block = view[first:last].reshape(-1)
-        return block[start - first * row: stop - first * row]
+        """Elements [start, stop) of the flattened tensor."""
+        return self._read(name, start, max(stop - start, 0))
 
 
 def load_full_state(module: torch.nn.Module, source: StateSource) -> None:

@@ -73,7 +73,8 @@ class Zero3Backend(Backend):
             load_partitions(module, source)
         if not trainable:
             module.requires_grad_(False).eval()
-        self.raw[role] = self.modules[role] = module   # a trainable role's engine replaces it in setup_optimizer
+        # methods call the raw partitioned module (see backward); engines hold the optimizer and gradient hooks
+        self.raw[role] = self.modules[role] = module
         if not trainable:
             engine, *_ = self.ds.initialize(model=module, config=self.ds_config(False))
             engine.eval()
@@ -87,10 +88,11 @@ class Zero3Backend(Backend):
         module = self.raw[role]
         optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                       weight_decay=cfg.weight_decay, foreach=True)
-        engine, ds_optimizer, *_ = self.ds.initialize(model=module, optimizer=optimizer,
+        engine, *_ = self.ds.initialize(model=module, optimizer=optimizer,
                                                       config=self.ds_config(True))
         self.engines[role] = engine
-        # the warm-up schedule acts on the client optimizer's param groups, which DeepSpeed steps
+        # the warm-up schedule sets lr in the client optimizer's param groups; DeepSpeed's ZeRO-3 optimizer steps
+        # that same optimizer on its fp32 partitions
         self.optimizers[role] = optimizer
         self.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.warmup_steps))
 

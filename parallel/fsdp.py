@@ -65,7 +65,9 @@ class FSDP2Backend(Backend):
 
     # --- placement -------------------------------------------------------------------------------------------
     def wrap(self, role: str, module: nn.Module, trainable: bool = True) -> nn.Module:
-        return self._shard(role, module.to(self.dist.device), trainable)
+        if any(p.device != self.dist.device for p in module.parameters()):   # (fake tensors refuse a no-op move)
+            module = module.to(self.dist.device)
+        return self._shard(role, module, trainable)
 
     def build_role(self, role: str, build, source=None, trainable: bool = True) -> nn.Module:
         """With a source: build on the meta device (no memory), shard, allocate only the local shards, and read

@@ -41,6 +41,14 @@ def import_deepspeed():
     return deepspeed
 
 
+BUCKET_CAP = 50_000_000
+
+
+def bucket_elements(role_numel: int) -> int:
+    """Reduce / prefetch bucket of a role's engine, in elements."""
+    return int(max(1, min(role_numel, BUCKET_CAP)))
+
+
 class Zero3Backend(Backend):
     def __init__(self, dist_info, grad_clip: float = 10.0, ema_decay: float = 0.999, mixed_precision: str = "fp32",
                  persistence_threshold: int = 0):
@@ -57,11 +65,16 @@ class Zero3Backend(Backend):
         self.engines: dict = {}
         self.ema_shards: list[torch.Tensor] = []
 
-    def ds_config(self, trainable: bool) -> dict:
+    def ds_config(self, trainable: bool, numel: int = BUCKET_CAP) -> dict:
+        # DeepSpeed's default reduce bucket is 5e8 elements: a 2 GB fp32 buffer per engine, whatever the role's
+        # size (measured: 5.7 GB of temporaries for three tiny engines). Buckets are capped at the role's size and
+        # at BUCKET_CAP elements (200 MB fp32); parallel/plan.py counts them.
+        bucket = bucket_elements(numel)
         return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                 "steps_per_print": 1 << 30, "wall_clock_breakdown": False,
                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": self.persistence_threshold,
-                                      "contiguous_gradients": True, "overlap_comm": False},
+                                      "contiguous_gradients": True, "overlap_comm": False,
+                                      "reduce_bucket_size": bucket, "stage3_prefetch_bucket_size": bucket},
                 "bf16": {"enabled": self.bf16},
                 "gradient_clipping": self.grad_clip if trainable else 0.0}
 
@@ -76,7 +89,8 @@ class Zero3Backend(Backend):
         # methods call the raw partitioned module (see backward); engines hold the optimizer and gradient hooks
         self.raw[role] = self.modules[role] = module
         if not trainable:
-            engine, *_ = self.ds.initialize(model=module, config=self.ds_config(False))
+            numel = sum(p.ds_numel for p in module.parameters())
+            engine, *_ = self.ds.initialize(model=module, config=self.ds_config(False, numel))
             engine.eval()
             self.engines[role] = engine
         return module
@@ -88,8 +102,8 @@ class Zero3Backend(Backend):
         module = self.raw[role]
         optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                       weight_decay=cfg.weight_decay, foreach=True)
-        engine, *_ = self.ds.initialize(model=module, optimizer=optimizer,
-                                                      config=self.ds_config(True))
+        numel = sum(p.ds_numel for p in module.parameters())
+        engine, *_ = self.ds.initialize(model=module, optimizer=optimizer, config=self.ds_config(True, numel))
         self.engines[role] = engine
         # the warm-up schedule sets lr in the client optimizer's param groups; DeepSpeed's ZeRO-3 optimizer steps
         # that same optimizer on its fp32 partitions

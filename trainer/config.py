@@ -176,6 +176,8 @@ class ParallelConfig(Section):
     mixed_precision: Literal["fp32", "bf16"] = "fp32"
     reshard_after_forward: bool = True
     cpu_offload: bool = False
+    gpu_memory_gib: Optional[float] = Field(
+        None, gt=0, description="memory of one GPU; the planner (--dry-run) warns when its prediction exceeds it")
     zero3_persistence_threshold: int = Field(
         100_000, ge=0, description="zero3: parameters with fewer elements stay replicated (DeepSpeed's "
                                    "stage3_param_persistence_threshold)")

@@ -20,7 +20,13 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m trainer.main", description=__doc__)
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/toy/default.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. distill.train.steps=100")
-    parser.add_argument("--dry-run", action="store_true", help="validate the recipe and print it; build nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the recipe, print it and its memory plan (meta device, fake tensors); "
+                             "no weights, no training")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="--dry-run: plan for this many ranks (default: the launch's, else 1)")
+    parser.add_argument("--no-trace", action="store_true",
+                        help="--dry-run: model states only, skip tracing a step for activations")
     return parser.parse_args(argv)
 
 
@@ -42,6 +48,28 @@ def prepare_run_dir(recipe, log) -> str:
     return run_dir
 
 
+def dry_run_plan(args, recipe) -> int:
+    from parallel.dims import ParallelDims, ParallelDimsError
+    from parallel.plan import plan_memory
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    p = recipe.parallel
+    try:
+        ParallelDims.resolve(world_size, p.dp_replicate, p.dp_shard, p.sp)
+    except ParallelDimsError as e:
+        print(f"error: {args.recipe}: {e} (hint: pass --world-size to match the parallel section)", file=sys.stderr)
+        return USAGE_EXIT
+    if recipe.distill.train.batch_size % world_size:
+        print(f"error: {args.recipe}: distill.train.batch_size: must be divisible by the world size {world_size}",
+              file=sys.stderr)
+        return USAGE_EXIT
+    plan = plan_memory(recipe, world_size, trace=not args.no_trace)
+    print(plan.format())
+    if plan.gpu_memory_gib is not None and plan.total > plan.gpu_memory_gib * (1 << 30):
+        print(f"warning: the plan needs {plan.total / (1 << 30):.2f} GiB per GPU, more than "
+              f"parallel.gpu_memory_gib = {plan.gpu_memory_gib:g}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -51,7 +79,7 @@ def main(argv=None) -> int:
         return USAGE_EXIT
     if args.dry_run:
         print(dump_recipe(recipe), end="")
-        return 0
+        return dry_run_plan(args, recipe)
     from parallel.distributed import init_distributed, shutdown
     from trainer.stages import run_distill_stage, run_evaluate_stage, run_teacher_stage
 

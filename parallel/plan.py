@@ -1,0 +1,274 @@
+"""The memory planner: predicted bytes per GPU for a recipe, a backend and a number of ranks, without weights.
+
+`python -m trainer.main RECIPE --dry-run [--world-size N]` prints it. Two parts:
+
+1. Model states per role and rank, from the roles' parameter counts (every role built on the meta device):
+   - fsdp2: fp32 parameter shards (the frozen teacher too), fp32 gradient shards and AdamW's two fp32 moments for
+     trainable roles, the generator's fp32 EMA shard; each divided by dp_shard (HSDP replicates across
+     dp_replicate).
+   - zero3: trainable roles from DeepSpeed's own estimator (`estimate_zero3_model_states_mem_needs`, 18 bytes per
+     parameter over the ranks + the largest layer, for bf16 mixed precision); for fp32 training, whose layout that
+     estimator does not cover, 20 bytes per parameter (fp32 parameter, fp32 gradient and fp32 master partitions,
+     two AdamW moments) + the largest layer. The frozen teacher: its parameter partitions (2 bytes bf16 / 4 fp32).
+     Parameters below `zero3_persistence_threshold` elements are counted whole on every rank (replicated).
+     DeepSpeed's contiguous reduce bucket per trainable engine is added (sized by parallel/zero3.py: the role's
+     size, at most 5e7 elements).
+   - data_parallel: everything whole on every rank.
+2. Activations and transients (all-gathered units, autograd buffers, temporaries): one real method step traced
+   under fake tensors (`FakeTensorMode`: shapes only, no memory, no compute) on a fake process group of N ranks,
+   with torch's `MemTracker` (torch.distributed._tools) counting live tensor bytes op by op, under FSDP2 (or plain
+   data parallel) with the recipe's mixed precision and activation checkpointing. Two steps are traced so that the
+   optimizer's moments exist. For ZeRO-3 the traced peak minus FSDP2's own model states is added to ZeRO-3's model
+   states (the activations are the same tensors).
+
+The trace runs in this process on a fake process group: call it from a fresh process (the CLI does).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+GIB = 1 << 30
+
+
+@dataclass
+class RoleStates:
+    role: str
+    numel: int
+    params: float = 0.0
+    grads: float = 0.0
+    optimizer: float = 0.0
+    ema: float = 0.0
+    buffers: float = 0.0     # backend buffers (ZeRO-3 buckets)
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.ema + self.buffers
+
+
+@dataclass
+class MemoryPlan:
+    backend: str
+    world_size: int
+    local_batch: int
+    roles: list[RoleStates]
+    activations: float                 # traced step peak above the model states (activations + transients)
+    traced_peak: float                 # the traced peak itself (fsdp2 / data_parallel: the prediction)
+    gpu_memory_gib: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def model_states(self) -> float:
+        return sum(r.total for r in self.roles)
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.activations
+
+    def format(self) -> str:
+        lines = [f"memory plan: backend {self.backend}, {self.world_size} ranks, local batch {self.local_batch} "
+                 f"(bytes per rank, GiB)",
+                 f"{'role':<11} {'parameters':>14} {'param GiB':>10} {'grad GiB':>9} {'optim GiB':>10} "
+                 f"{'ema GiB':>8} {'buf GiB':>8} {'total GiB':>10}"]
+        for r in self.roles:
+            lines.append(f"{r.role:<11} {r.numel:>14,} {r.params / GIB:>10.3f} {r.grads / GIB:>9.3f} "
+                         f"{r.optimizer / GIB:>10.3f} {r.ema / GIB:>8.3f} {r.buffers / GIB:>8.3f} {r.total / GIB:>10.3f}")
+        lines.append(f"{'activations and transients (traced step)':<81} {self.activations / GIB:>10.3f}")
+        lines.append(f"{'total per GPU':<81} {self.total / GIB:>10.3f}  ({int(self.total)} bytes)")
+        lines += [f"note: {n}" for n in self.notes]
+        if self.gpu_memory_gib is not None:
+            verdict = "fits" if self.total <= self.gpu_memory_gib * GIB else "DOES NOT FIT"
+            lines.append(f"{verdict}: {self.total / GIB:.2f} GiB of the declared {self.gpu_memory_gib:g} GiB per GPU")
+        return "\n".join(lines)
+
+
+def _largest_unit_numel(module, shard_units) -> int:
+    units = shard_units(module) or [module]
+    covered = {id(p) for u in units for p in u.parameters()}
+    root_rest = sum(p.numel() for p in module.parameters() if id(p) not in covered)
+    return max([sum(p.numel() for p in u.parameters()) for u in units] + [root_rest])
+
+
+def model_states(recipe, world_size: int, family, roles: dict) -> list[RoleStates]:
+    """roles: name -> module (meta tensors are fine). Bytes per rank per role (see the module docstring)."""
+    from parallel.dims import ParallelDims
+    p = recipe.parallel
+    trainable = set(roles) - {"teacher"}
+    out = []
+    if p.backend == "fsdp2":
+        shards = ParallelDims.resolve(world_size, p.dp_replicate, p.dp_shard, p.sp).dp_shard
+    for role, module in roles.items():
+        numel = sum(t.numel() for t in module.parameters())
+        r = RoleStates(role, numel)
+        if p.backend == "fsdp2":
+            r.params = 4 * numel / shards
+            if role in trainable:
+                r.grads, r.optimizer = 4 * numel / shards, 8 * numel / shards
+        elif p.backend == "zero3":
+            # parameters below the persistence threshold stay whole on every rank
+            small = sum(t.numel() for t in module.parameters() if t.numel() < p.zero3_persistence_threshold)
+            big = numel - small
+            largest = _largest_unit_numel(module, family.shard_units)
+            bf16 = p.mixed_precision == "bf16"
+            param_bytes = 2 if bf16 else 4
+            # + one gathered layer (DeepSpeed's estimator counts it at 4 bytes per parameter)
+            r.params = param_bytes * (big / world_size + small) + 4 * largest
+            if role in trainable:
+                if bf16:
+                    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+                    _, total, _ = estimate_zero3_model_states_mem_needs(
+                        big, largest, num_gpus_per_node=world_size, num_nodes=1, cpu_offload=False,
+                        cpu_offload_params=False)
+                else:   # fp32 parameter, fp32 gradient, fp32 master copy, two AdamW moments
+                    total = 4 * largest + 20 * big / world_size
+                r.grads = param_bytes * big / world_size
+                r.optimizer = total - 4 * largest - r.grads - param_bytes * big / world_size
+                # DeepSpeed preallocates a trainable engine's contiguous reduce bucket (parallel/zero3.py sizes
+                # it), in the gradients' dtype
+                from parallel.zero3 import bucket_elements
+                r.buffers = param_bytes * bucket_elements(numel)
+        else:
+            r.params = 4 * numel
+            if role in trainable:
+                r.grads, r.optimizer = 4 * numel, 8 * numel
+        if role == "generator":
+            r.ema = r.params if p.backend != "zero3" else 4 * numel / world_size
+        out.append(r)
+    return out
+
+
+class _StepTracker:
+    """torch's MemTracker without module-wise statistics: it refuses a module called twice in one iteration (the
+    fake score and the teacher are called several times per step); the per-op accounting of live tensors that gives
+    the peak is unchanged."""
+
+    def __new__(cls):
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        class StepTracker(MemTracker):
+            def _pre_fw_hook(self, *args, **kwargs):
+                pass
+
+            def _post_fw_hook(self, *args, **kwargs):
+                pass
+
+            def _pre_bw_hook(self, *args, **kwargs):
+                pass
+
+            def _post_bw_hook(self, *args, **kwargs):
+                pass
+
+        return StepTracker()
+
+
+def build_trainer(recipe, dist_info, family, backend=None):
+    """A DistillTrainer over freshly initialised roles (no teacher file): what the planner and benchmarks trace."""
+    from parallel.backend import build_backend
+    from trainer.methods import Nets, build_method
+    from trainer.stages import build_denoiser, loop_config
+    from trainer.trainer import DistillTrainer
+    method = build_method(recipe.distill.method)
+    train = recipe.distill.train
+    backend = backend or build_backend(recipe.parallel, dist_info, family, train.grad_clip, train.ema_decay)
+    nets = {}
+    for role in ("teacher",) + tuple(r for r in ("generator", "fake_score") if r in method.trains):
+        nets[role] = backend.build_role(role, family.build_denoiser, None, trainable=role != "teacher")
+    if "heads" in method.trains:
+        nets["heads"] = backend.build_role("heads", family.build_heads)
+    for role in method.trains:
+        backend.setup_optimizer(role, recipe.distill.optimizer[role])
+    backend.setup_ema()
+    backend.warm_up(family.example_inputs(2, dist_info.device))
+    denoiser = build_denoiser(recipe)
+    g = recipe.distill.generator
+    return DistillTrainer(stage_dir="/nonexistent/plan", stage_name="plan", method=method,
+                          nets=Nets(**{r: backend.modules[r] for r in nets}), backend=backend, denoiser=denoiser,
+                          family=family, loop=loop_config(train, recipe.run.seed), dist_info=dist_info,
+                          student_timesteps=denoiser.schedule.student_timesteps(g.num_steps),
+                          conditioning_timestep=g.conditioning_timestep,
+                          real_stream=SyntheticReal(family) if method.needs_real_data else None)
+
+
+class SyntheticReal:
+    """Zero 'real' batches of the family's data shape (planning and benchmarks only: memory and time do not depend
+    on the values)."""
+
+    def __init__(self, family):
+        self.family = family
+
+    def batch(self, indices):
+        n = len(indices)
+        return torch.zeros(n, *self.family.data_shape), torch.zeros(n, dtype=torch.int64)
+
+
+def trace_step(recipe, world_size: int, steps: int = 2) -> tuple[float, dict]:
+    """(peak bytes, peak by category) of `steps` method steps of rank 0 of `world_size`, under fake tensors."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from parallel.backend import build_backend
+    from parallel.distributed import DistInfo
+    from trainer.families import build_family
+    traced = recipe.model_copy(deep=True)
+    if traced.parallel.backend == "zero3":
+        traced.parallel.backend = "fsdp2"
+    need_group = traced.parallel.backend != "data_parallel" or world_size > 1
+    if need_group:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        info = DistInfo(0, world_size, 0, torch.device("cpu"))
+        family = build_family(traced, planning=True)
+        train = traced.distill.train
+        # the backend (and its device mesh) is built outside fake mode: mesh set-up reads real tensors
+        backend = build_backend(traced.parallel, info, family, train.grad_clip, train.ema_decay)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            trainer = build_trainer(traced, info, family, backend)
+            tracker = _StepTracker()
+            tracker.track_external(*trainer.nets.present().values(), *backend.optimizers.values(),
+                                   *getattr(backend, "ema_shards", []))
+            with tracker:
+                for step in range(steps):
+                    trainer.train_step(step, defaultdict(list))
+            peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    finally:
+        if need_group:
+            dist.destroy_process_group()
+    by_category = {str(getattr(k, "value", k)): v for k, v in peak.items()}
+    return float(by_category.pop("Total")), by_category
+
+
+def plan_memory(recipe, world_size: int, trace: bool = True) -> MemoryPlan:
+    from trainer.families import build_family
+    from trainer.methods import build_method
+    family = build_family(recipe, planning=True)
+    method = build_method(recipe.distill.method)
+    with torch.device("meta"):
+        roles = {"teacher": family.build_denoiser()}
+        for role in ("generator", "fake_score"):
+            if role in method.trains:
+                roles[role] = family.build_denoiser()
+        if "heads" in method.trains:
+            roles["heads"] = family.build_heads()
+    states = model_states(recipe, world_size, family, roles)
+    local_batch = recipe.distill.train.batch_size // world_size
+    plan = MemoryPlan(recipe.parallel.backend, world_size, local_batch, states, 0.0, 0.0,
+                      recipe.parallel.gpu_memory_gib)
+    if trace:
+        peak, _ = trace_step(recipe, world_size)
+        plan.traced_peak = peak
+        if recipe.parallel.backend == "zero3":
+            fsdp = recipe.model_copy(deep=True)
+            fsdp.parallel.backend = "fsdp2"
+            reference = sum(r.total for r in model_states(fsdp, world_size, family, roles))
+        else:
+            reference = plan.model_states
+        plan.activations = max(peak - reference, 0.0)
+        plan.notes.append("activations traced under FSDP2 for zero3 (same tensors); ZeRO-3 prefetch buffers "
+                          "beyond the largest layer are not counted" if recipe.parallel.backend == "zero3" else
+                          f"traced peak {peak / GIB:.3f} GiB")
+    else:
+        plan.notes.append("activations not traced (--no-trace)")
+    return plan

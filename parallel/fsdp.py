@@ -84,6 +84,11 @@ class FSDP2Backend(Backend):
     def _shard(self, role: str, module: nn.Module, trainable: bool) -> nn.Module:
         if not trainable:
             module.requires_grad_(False).eval()
+            dtype = self.mp_policy.param_dtype
+            if dtype is not None and any(p.dtype != dtype for p in module.parameters()):
+                # a frozen role needs no fp32 master: held in the compute dtype it takes half the memory and its
+                # all-gathers need no cast (DESIGN.md: frozen roles are held in bf16)
+                module.to(dtype)
         kwargs = dict(mesh=self.shard_mesh, mp_policy=self.mp_policy, reshard_after_forward=self.reshard_after_forward)
         if self.offload is not None:
             kwargs["offload_policy"] = self.offload

@@ -3,7 +3,7 @@
 `python -m trainer.main RECIPE --dry-run [--world-size N]` prints it. Two parts:
 
 1. Model states per role and rank, from the roles' parameter counts (every role built on the meta device):
-   - fsdp2: fp32 parameter shards (the frozen teacher too), fp32 gradient shards and AdamW's two fp32 moments for
+   - fsdp2: fp32 parameter shards (the frozen teacher in the compute dtype), fp32 gradient shards and AdamW's two fp32 moments for
      trainable roles, the generator's fp32 EMA shard; each divided by dp_shard (HSDP replicates across
      dp_replicate).
    - zero3: trainable roles from DeepSpeed's own estimator (`estimate_zero3_model_states_mem_needs`, 18 bytes per
@@ -103,7 +103,9 @@ def model_states(recipe, world_size: int, family, roles: dict) -> list[RoleState
         numel = sum(t.numel() for t in module.parameters())
         r = RoleStates(role, numel)
         if p.backend == "fsdp2":
-            r.params = 4 * numel / shards
+            # fp32 master shards; a frozen role is held in the compute dtype (parallel/fsdp.py)
+            frozen_bytes = 2 if p.mixed_precision == "bf16" else 4
+            r.params = (4 if role in trainable else frozen_bytes) * numel / shards
             if role in trainable:
                 r.grads, r.optimizer = 4 * numel / shards, 8 * numel / shards
         elif p.backend == "zero3":
@@ -173,8 +175,21 @@ def build_trainer(recipe, dist_info, family, backend=None):
     train = recipe.distill.train
     backend = backend or build_backend(recipe.parallel, dist_info, family, train.grad_clip, train.ema_decay)
     nets = {}
-    for role in ("teacher",) + tuple(r for r in ("generator", "fake_score") if r in method.trains):
-        nets[role] = backend.build_role(role, family.build_denoiser, None, trainable=role != "teacher")
+    frozen_dtype = torch.bfloat16 if recipe.parallel.mixed_precision == "bf16" else torch.float32
+
+    def build_frozen():
+        """The teacher built directly in the dtype FSDP2 holds frozen roles in (fake tensors cannot be cast)."""
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(frozen_dtype)
+        try:
+            return family.build_denoiser()
+        finally:
+            torch.set_default_dtype(default)
+
+    nets["teacher"] = backend.build_role("teacher", build_frozen, None, trainable=False)
+    for role in ("generator", "fake_score"):
+        if role in method.trains:
+            nets[role] = backend.build_role(role, family.build_denoiser, None, trainable=True)
     if "heads" in method.trains:
         nets["heads"] = backend.build_role("heads", family.build_heads)
     for role in method.trains:
@@ -240,7 +255,9 @@ def trace_step(recipe, world_size: int, steps: int = 2) -> tuple[float, dict]:
     return float(by_category.pop("Total")), by_category
 
 
-def plan_memory(recipe, world_size: int, trace: bool = True) -> MemoryPlan:
+def plan_memory(recipe, world_size: int, trace: bool = True, traced_peak: float | None = None) -> MemoryPlan:
+    """traced_peak: reuse the peak of an earlier trace of the same recipe and world size (it does not depend on the
+    backend: ZeRO-3 is traced under FSDP2)."""
     from trainer.families import build_family
     from trainer.methods import build_method
     family = build_family(recipe, planning=True)
@@ -257,7 +274,7 @@ def plan_memory(recipe, world_size: int, trace: bool = True) -> MemoryPlan:
     plan = MemoryPlan(recipe.parallel.backend, world_size, local_batch, states, 0.0, 0.0,
                       recipe.parallel.gpu_memory_gib)
     if trace:
-        peak, _ = trace_step(recipe, world_size)
+        peak = traced_peak if traced_peak is not None else trace_step(recipe, world_size)[0]
         plan.traced_peak = peak
         if recipe.parallel.backend == "zero3":
             fsdp = recipe.model_copy(deep=True)

@@ -80,3 +80,22 @@ def test_activation_checkpointing_and_bf16_run_on_two_ranks(tmp_path, teacher):
         for key, value in a[step].items():
             assert b[step][key] == pytest.approx(value, rel=1e-6), (step, key)
             assert c[step][key] == pytest.approx(value, rel=0.1, abs=0.05), (step, key)   # bf16: close, not equal
+
+
+def test_zero3_checkpoint_resumes_on_the_same_world_size(tmp_path, teacher):
+    """ZeRO-3 (DeepSpeed engine checkpoints + per-rank EMA partitions): steps 0-1, checkpoint, resume on 2 ranks;
+    steps 2-3 equal the uninterrupted run's. Resuming on another world size is refused with a clear error."""
+    zero3 = "parallel.backend=zero3 parallel.zero3_persistence_threshold=0"
+    launch(2, "steps", teacher, str(tmp_path / "a"), "4", str(tmp_path / "a.json"), overrides=zero3)
+    launch(2, "steps", teacher, str(tmp_path / "b"), "2", str(tmp_path / "b1.json"), overrides=zero3)
+    launch(2, "steps", teacher, str(tmp_path / "b"), "4", str(tmp_path / "b2.json"), overrides=zero3)
+    a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b2.json").read_text())
+    assert sorted(b) == ["2", "3"]
+    for step in ("2", "3"):
+        for key, value in a[step].items():
+            assert b[step][key] == pytest.approx(value, rel=1e-5), (step, key)
+    result = subprocess.run([sys.executable, WORKER, "steps", teacher, str(tmp_path / "b"), "5",
+                             str(tmp_path / "b3.json")], env=dict(ENV, DMDX_TEST_OVERRIDES=zero3), cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "resume on the same world size" in result.stderr

@@ -24,14 +24,6 @@ SDXL = ["teacher.pretrained=stabilityai/stable-diffusion-xl-base-1.0", "family.m
         "family.prompt_length=77", "family.head_hidden=128", "parallel.mixed_precision=bf16"]
 
 
-class BlockUnits:
-    """Shard units of a transformer denoiser (its transformer blocks), for model states without a family."""
-
-    @staticmethod
-    def shard_units(module):
-        return list(getattr(module, "transformer_blocks", []))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch-per-gpu", type=int, default=2)
@@ -52,7 +44,7 @@ def main() -> int:
             totals = []
             for backend in ("fsdp2", "zero3"):
                 recipe = load_recipe(recipe_path, SDXL + batch + [f"parallel.backend={backend}"])
-                totals.append(sum(r.total for r in model_states(recipe, gpus, BlockUnits, roles)))
+                totals.append(sum(r.total for r in model_states(recipe, gpus, roles)))
             rows.append((label, gpus, totals[0], totals[1], None, None, None))
     print(f"\nADM, bf16, {args.batch_per_gpu} samples per GPU; GiB per GPU")
     print("| model | GPUs | FSDP2 model states | ZeRO-3 model states | activations (traced) | FSDP2 total | "

@@ -62,6 +62,11 @@ class Backend:
         """Bytes of the role's parameters held by this rank."""
         return sum(p.numel() * p.element_size() for p in self.modules[role].parameters())
 
+    def compute_context(self):
+        """Context the methods' forwards run in (ZeRO-3 bf16: autocast, since its partitioned modules hold bf16
+        weights and, unlike FSDP2's policy, cast no inputs)."""
+        return contextlib.nullcontext()
+
     def warm_up(self, example_inputs: dict) -> None:
         """Backends whose lazy initialisation must see each trainable role trainable once (FSDP2 + bf16)."""
 

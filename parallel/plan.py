@@ -84,14 +84,13 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _largest_unit_numel(module, shard_units) -> int:
-    units = shard_units(module) or [module]
-    covered = {id(p) for u in units for p in u.parameters()}
-    root_rest = sum(p.numel() for p in module.parameters() if id(p) not in covered)
-    return max([sum(p.numel() for p in u.parameters()) for u in units] + [root_rest])
+def _largest_layer_numel(module) -> int:
+    """DeepSpeed's 'largest layer' (its `model_to_params`): the most parameters one module owns directly; ZeRO-3
+    gathers parameters module by module."""
+    return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()), default=0)
 
 
-def model_states(recipe, world_size: int, family, roles: dict) -> list[RoleStates]:
+def model_states(recipe, world_size: int, roles: dict) -> list[RoleStates]:
     """roles: name -> module (meta tensors are fine). Bytes per rank per role (see the module docstring)."""
     from parallel.dims import ParallelDims
     p = recipe.parallel
@@ -112,7 +111,7 @@ def model_states(recipe, world_size: int, family, roles: dict) -> list[RoleState
             # parameters below the persistence threshold stay whole on every rank
             small = sum(t.numel() for t in module.parameters() if t.numel() < p.zero3_persistence_threshold)
             big = numel - small
-            largest = _largest_unit_numel(module, family.shard_units)
+            largest = _largest_layer_numel(module)
             bf16 = p.mixed_precision == "bf16"
             param_bytes = 2 if bf16 else 4
             # + one gathered layer (DeepSpeed's estimator counts it at 4 bytes per parameter)
@@ -269,7 +268,7 @@ def plan_memory(recipe, world_size: int, trace: bool = True, traced_peak: float 
                 roles[role] = family.build_denoiser()
         if "heads" in method.trains:
             roles["heads"] = family.build_heads()
-    states = model_states(recipe, world_size, family, roles)
+    states = model_states(recipe, world_size, roles)
     local_batch = recipe.distill.train.batch_size // world_size
     plan = MemoryPlan(recipe.parallel.backend, world_size, local_batch, states, 0.0, 0.0,
                       recipe.parallel.gpu_memory_gib)
@@ -279,7 +278,7 @@ def plan_memory(recipe, world_size: int, trace: bool = True, traced_peak: float 
         if recipe.parallel.backend == "zero3":
             fsdp = recipe.model_copy(deep=True)
             fsdp.parallel.backend = "fsdp2"
-            reference = sum(r.total for r in model_states(fsdp, world_size, family, roles))
+            reference = sum(r.total for r in model_states(fsdp, world_size, roles))
         else:
             reference = plan.model_states
         plan.activations = max(peak - reference, 0.0)

@@ -110,6 +110,11 @@ class Zero3Backend(Backend):
         self.optimizers[role] = optimizer
         self.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.warmup_steps))
 
+    def compute_context(self):
+        if not self.bf16:
+            return super().compute_context()
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+
     # --- steps -----------------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, roles: tuple[str, ...]) -> None:
         """One backward updating one or more engines (DMD2's critic: fake score + heads). Each updated engine's

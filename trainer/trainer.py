@@ -94,7 +94,7 @@ class DistillTrainer:
         losses detach it, so it receives no gradient there (tests/unit/test_method_invariants.py checks)."""
         frozen = [m for r, m in self.nets.present().items() if r not in phase.updates and r != "generator"]
         autocast = (torch.autocast(self.dist.device.type, dtype=torch.bfloat16) if self.loop.bf16
-                    else contextlib.nullcontext())
+                    else self.backend.compute_context())
         # backward inside the frozen context too: activation checkpointing recomputes forwards during backward,
         # and they must see the same requires_grad flags as the original forward
         with self.backend.frozen(frozen):

@@ -84,7 +84,7 @@ def test_activation_checkpointing_and_bf16_run_on_two_ranks(tmp_path, teacher):
 
 def test_zero3_checkpoint_resumes_on_the_same_world_size(tmp_path, teacher):
     """ZeRO-3 (DeepSpeed engine checkpoints + per-rank EMA partitions): steps 0-1, checkpoint, resume on 2 ranks;
-    steps 2-3 equal the uninterrupted run's. Resuming on another world size is refused with a clear error."""
+    steps 2-3 equal the uninterrupted run's. Resuming on another world size is refused with a clear error. bf16 runs."""
     zero3 = "parallel.backend=zero3 parallel.zero3_persistence_threshold=0"
     launch(2, "steps", teacher, str(tmp_path / "a"), "4", str(tmp_path / "a.json"), overrides=zero3)
     launch(2, "steps", teacher, str(tmp_path / "b"), "2", str(tmp_path / "b1.json"), overrides=zero3)
@@ -99,3 +99,10 @@ def test_zero3_checkpoint_resumes_on_the_same_world_size(tmp_path, teacher):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "resume on the same world size" in result.stderr
+    # bf16 mixed precision (partitions held in bf16, fp32 master, autocast forwards): close to fp32, not equal
+    launch(2, "steps", teacher, str(tmp_path / "bf16"), "2", str(tmp_path / "bf16.json"),
+           overrides=zero3 + " parallel.mixed_precision=bf16")
+    c = json.loads((tmp_path / "bf16.json").read_text())
+    for step in ("0", "1"):
+        for key, value in a[step].items():
+            assert c[step][key] == pytest.approx(value, rel=0.1, abs=0.05), (step, key)

@@ -89,7 +89,6 @@ def run_teacher_stage(recipe, run_dir: str, dist_info, log) -> None:
     torch.manual_seed(derive_seed(seed, "init_teacher"))
     net = backend.build_role("generator", family.build_denoiser)
     backend.setup_optimizer("generator", recipe.teacher.optimizer)
-    net = backend.modules["generator"]   # what to call: ZeRO-3 hands back its engine once the optimizer exists
     backend.setup_ema()
     backend.warm_up(family.example_inputs(2, dist_info.device))
     trainer = DistillTrainer(stage_dir=stage_dir, stage_name="teacher", method=DenoisePretrain(recipe.teacher, family),

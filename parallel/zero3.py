@@ -53,6 +53,9 @@ class Zero3Backend(Backend):
     def __init__(self, dist_info, grad_clip: float = 10.0, ema_decay: float = 0.999, mixed_precision: str = "fp32",
                  persistence_threshold: int = 0):
         super().__init__()
+        if dist_info.device.type == "cpu":
+            from trainer.runtime_env import pin_mmap_threshold
+            pin_mmap_threshold()   # else freed whole-module init tensors stay resident (see its docstring)
         self.ds = import_deepspeed()
         self.ds.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else "gloo")
         self.dist = dist_info

@@ -36,10 +36,7 @@ def full_load(big_teacher, tmp_path_factory):
     return launch(1, "data_parallel", big_teacher, str(tmp / "run"), str(tmp / "out"))[0]
 
 
-# ZeRO-3 measured 0.78x here: each rank reads only its partitions, but zero.Init and the teacher's inference engine
-# add DeepSpeed's own buffers; the 0.6x target is met by FSDP2 only (issue #3 note). Its bound still shows that no
-# rank holds every full role.
-LIMITS = {"fsdp2": 0.6, "zero3": 0.9}
+LIMITS = {"fsdp2": 0.6, "zero3": 0.6}
 
 
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3"])

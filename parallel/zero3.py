@@ -75,7 +75,12 @@ class Zero3Backend(Backend):
         bucket = bucket_elements(numel)
         return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                 "steps_per_print": 1 << 30, "wall_clock_breakdown": False,
+                # memory_efficient_linear off: DeepSpeed would replace torch.nn.functional.linear process-wide with
+                # matmul + add, which rounds differently from torch's addmm (the equality test saw 1e-7 forward and
+                # 1.4e-5 DMD gradient differences) and changes every other module's linear too; ZeRO-3's hooks
+                # re-gather the weight for backward either way
                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": self.persistence_threshold,
+                                      "memory_efficient_linear": False,
                                       "contiguous_gradients": True, "overlap_comm": False,
                                       "reduce_bucket_size": bucket, "stage3_prefetch_bucket_size": bucket},
                 "bf16": {"enabled": self.bf16},

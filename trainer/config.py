@@ -81,6 +81,10 @@ class OptimizerConfig(Section):
 class TrainConfig(Section):
     steps: int = Field(gt=0, description="optimizer iterations of this stage")
     batch_size: int = Field(gt=0, description="global batch (samples per iteration over all ranks)")
+    micro_batch_size: Optional[int] = Field(
+        None, gt=0, description="samples per rank per forward/backward; gradients accumulate over batch_size / "
+        "(world size * micro_batch_size) micro-batches, so the global batch stays fixed on any GPU count. "
+        "Default: the whole local batch")
     grad_clip: float = Field(10.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     bf16: bool = False
@@ -188,6 +192,23 @@ class ParallelConfig(Section):
 Stage = Literal["teacher", "distill", "evaluate"]
 
 
+class GuardsConfig(Section):
+    """Stability guards (trainer/guards.py). The step never syncs for them: non-finite losses skip the update on the
+    device; everything below is read at the logging cadence."""
+    max_consecutive_skips: int = Field(3, gt=0, description="this many skipped updates in a row roll the stage back "
+                                       "to its last checkpoint")
+    max_rollbacks: int = Field(2, ge=0, description="rollbacks per run before the stage fails")
+    disc_win_accuracy: float = Field(0.99, gt=0.5, le=1, description="alarm when the discriminator classifies at "
+                                     "least this fraction of real and fake samples right over a logging window")
+    sample_abs_limit: float = Field(4.0, gt=0, description="|generator sample| above this counts as saturated "
+                                    "(data units: the toy's data, the families' scaled latents)")
+    saturation_fraction: float = Field(0.05, gt=0, le=1, description="alarm when more than this fraction of the "
+                                       "generator's sample values is saturated")
+    mean_drift: float = Field(1.0, gt=0, description="alarm when |mean of the generator's samples| exceeds this")
+    inject_nan_at_steps: list[int] = Field(default_factory=list, description="fault injection (tests of the guard "
+                                           "itself): these steps' losses are replaced by NaN")
+
+
 class Recipe(Section):
     run: RunConfig
     family: FamilyConfig = Field(default_factory=ToyFamilyConfig)
@@ -198,6 +219,7 @@ class Recipe(Section):
     collect: CollectConfig = Field(default_factory=CollectConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
     stages: list[Stage] = Field(default_factory=lambda: ["teacher", "distill", "evaluate"])
 
 

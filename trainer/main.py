@@ -27,7 +27,7 @@ def parse_args(argv):
                         help="--dry-run: plan for this many ranks (default: the launch's, else 1)")
     parser.add_argument("--no-trace", action="store_true",
                         help="--dry-run: model states only, skip tracing a step for activations")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)   # overrides may follow the flags
 
 
 def prepare_run_dir(recipe, log) -> str:
@@ -48,6 +48,20 @@ def prepare_run_dir(recipe, log) -> str:
     return run_dir
 
 
+def batch_problem(recipe, world_size: int) -> str | None:
+    """One line naming the first batch setting that does not split over `world_size` ranks, or None."""
+    for section in ("teacher", "distill"):
+        train = getattr(recipe, section).train
+        if train.batch_size % world_size:
+            return (f"{section}.train.batch_size: {train.batch_size} is not divisible by the world size {world_size} "
+                    f"(hint: change the batch size or the process count)")
+        local = train.batch_size // world_size
+        if train.micro_batch_size and local % train.micro_batch_size:
+            return (f"{section}.train.micro_batch_size: {train.micro_batch_size} does not divide the local batch "
+                    f"{local} (batch_size {train.batch_size} / {world_size} ranks)")
+    return None
+
+
 def dry_run_plan(args, recipe) -> int:
     from parallel.dims import ParallelDims, ParallelDimsError
     from parallel.plan import plan_memory
@@ -58,9 +72,9 @@ def dry_run_plan(args, recipe) -> int:
     except ParallelDimsError as e:
         print(f"error: {args.recipe}: {e} (hint: pass --world-size to match the parallel section)", file=sys.stderr)
         return USAGE_EXIT
-    if recipe.distill.train.batch_size % world_size:
-        print(f"error: {args.recipe}: distill.train.batch_size: must be divisible by the world size {world_size}",
-              file=sys.stderr)
+    problem = batch_problem(recipe, world_size)
+    if problem:
+        print(f"error: {args.recipe}: {problem}", file=sys.stderr)
         return USAGE_EXIT
     plan = plan_memory(recipe, world_size, trace=not args.no_trace)
     print(plan.format())
@@ -92,9 +106,9 @@ def main(argv=None) -> int:
     except ParallelDimsError as e:
         print(f"error: {args.recipe}: {e} (hint: match the parallel section to the process count)", file=sys.stderr)
         return USAGE_EXIT
-    if recipe.distill.train.batch_size % dist_info.world_size or recipe.teacher.train.batch_size % dist_info.world_size:
-        print(f"error: {args.recipe}: distill.train.batch_size: must be divisible by the world size "
-              f"{dist_info.world_size} (hint: change the batch size or the process count)", file=sys.stderr)
+    problem = batch_problem(recipe, dist_info.world_size)
+    if problem:
+        print(f"error: {args.recipe}: {problem}", file=sys.stderr)
         return USAGE_EXIT
     try:
         if dist_info.is_main:

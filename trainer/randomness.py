@@ -60,7 +60,10 @@ class StepRandom:
 
 
 def sample_indices(step: int, global_batch: int, rank: int, world_size: int) -> range:
-    """Global indices of this rank's samples: the global batch is split into contiguous per-rank slices."""
-    local = global_batch // world_size
-    start = step * global_batch + rank * local
-    return range(start, start + local)
+    """Global indices of this rank's samples: position j of the global batch goes to rank j % world_size.
+
+    Strided, not contiguous, because that is how mosaicml-streaming deals a global batch to ranks (with
+    num_canonical_nodes fixed, rank r of W reads global positions r, r + W, ...): the real sample and the noise drawn
+    for index i then belong together on any number of ranks."""
+    start = step * global_batch + rank
+    return range(start, start + global_batch - rank, world_size)

@@ -36,8 +36,9 @@ def build_denoiser(recipe) -> Denoiser:
 
 
 def loop_config(train, seed: int) -> LoopConfig:
-    return LoopConfig(steps=train.steps, batch_size=train.batch_size, seed=seed, log_every=train.log_every,
-                      checkpoint_every=train.checkpoint_every, keep_last=train.keep_last, bf16=train.bf16)
+    return LoopConfig(steps=train.steps, batch_size=train.batch_size, micro_batch_size=train.micro_batch_size,
+                      seed=seed, log_every=train.log_every, checkpoint_every=train.checkpoint_every,
+                      keep_last=train.keep_last, bf16=train.bf16)
 
 
 def save_atomic(state: dict, path: str) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.checkpoint import Checkpointer
-from trainer.methods.base import Method, Nets, StepContext
+from trainer.methods.base import LossOut, Method, Nets, StepContext
 from trainer.monitor import Monitor
 from trainer.randomness import StepRandom, sample_indices
 
@@ -29,6 +29,7 @@ class LoopConfig:
     checkpoint_every: int
     keep_last: int
     bf16: bool = False
+    micro_batch_size: Optional[int] = None   # per rank per backward; None: the whole local batch
 
 
 class DistillTrainer:
@@ -45,6 +46,9 @@ class DistillTrainer:
         self.samples_seen = 0
         if loop.batch_size % dist_info.world_size:
             raise ValueError(f"batch_size {loop.batch_size} is not divisible by world size {dist_info.world_size}")
+        local_batch = loop.batch_size // dist_info.world_size
+        if loop.micro_batch_size and local_batch % loop.micro_batch_size:
+            raise ValueError(f"micro_batch_size {loop.micro_batch_size} does not divide the local batch {local_batch}")
 
     # --- state ------------------------------------------------------------------------------------------------
     def extra_state(self) -> dict:
@@ -71,9 +75,12 @@ class DistillTrainer:
         self.checkpointer.save(self.step, self.backend.save_state, self.extra_state())
 
     # --- one step --------------------------------------------------------------------------------------------
-    def make_context(self, step: int) -> StepContext:
+    def make_context(self, step: int, indices: Optional[range] = None, real=None) -> StepContext:
+        """The context of this rank's samples `indices` (default: its whole local batch) at `step`.
+        real: (x, labels) of those samples, when the caller already drew them (micro-batches slice one draw)."""
         loop, info = self.loop, self.dist
-        indices = sample_indices(step, loop.batch_size, info.rank, info.world_size)
+        if indices is None:
+            indices = sample_indices(step, loop.batch_size, info.rank, info.world_size)
         rand = StepRandom(loop.seed, step, indices, info.device)
         labels = self.family.prompt_labels(indices, loop.seed).to(info.device)
         ctx = StepContext(nets=self.nets, denoiser=self.denoiser, rand=rand, step=step,
@@ -82,32 +89,59 @@ class DistillTrainer:
                           student_timesteps=self.student_timesteps, conditioning_timestep=self.conditioning_timestep,
                           generator_trains=self.method.generator_trains_at(step))
         if self.method.needs_real_data:
-            real_x, real_y = self.real_stream.batch(indices)
+            real_x, real_y = real if real is not None else self.real_stream.batch(indices)
             ctx.real_x = real_x.to(info.device, torch.float32)
             ctx.real_cond = self.family.condition(real_y.to(info.device))
         return ctx
 
-    def phase_backward(self, phase, ctx: StepContext):
-        """Freeze the roles this phase does not update, compute its loss, backward (+ gradient reduction).
+    def micro_contexts(self, step: int) -> list[StepContext]:
+        """This rank's local batch dealt into micro-batches of `micro_batch_size` samples: local position i goes to
+        micro-batch i % count, as sample_indices deals the global batch to ranks. So micro-batch m of rank r holds
+        the samples that rank r + W*m of W*count ranks would hold, and every draw is keyed by the sample's global
+        index: accumulation changes only the arithmetic's grouping, never which noise meets which sample. The real
+        stream is read once per step (it owns the data position) and dealt the same way."""
+        loop, info = self.loop, self.dist
+        indices = sample_indices(step, loop.batch_size, info.rank, info.world_size)
+        size = loop.micro_batch_size or len(indices)
+        if size == len(indices):
+            return [self.make_context(step, indices)]
+        count = len(indices) // size
+        real = self.real_stream.batch(indices) if self.method.needs_real_data else None
+        return [self.make_context(step, indices[m::count],
+                                  None if real is None else (real[0][m::count], real[1][m::count]))
+                for m in range(count)]
+
+    def phase_backward(self, phase, contexts: list[StepContext]) -> LossOut:
+        """Freeze the roles this phase does not update, then per micro-batch: loss, backward (+ gradient reduction).
+        Gradients accumulate over the micro-batches; each loss is scaled by 1/len(contexts), so the sum is the local
+        batch's mean. Returns the mean loss and metrics over the micro-batches.
 
         The generator stays trainable: its sample may carry a graph into a later phase of this step; critic
         losses detach it, so it receives no gradient there (tests/unit/test_method_invariants.py checks)."""
         frozen = [m for r, m in self.nets.present().items() if r not in phase.updates and r != "generator"]
         autocast = (torch.autocast(self.dist.device.type, dtype=torch.bfloat16) if self.loop.bf16
                     else self.backend.compute_context())
+        losses, metrics = [], defaultdict(list)
         # backward inside the frozen context too: activation checkpointing recomputes forwards during backward,
         # and they must see the same requires_grad flags as the original forward
         with self.backend.frozen(frozen):
-            with autocast:
-                out = phase.loss(ctx)
-            self.backend.backward(out.loss, phase.updates)
-        return out
+            for ctx in contexts:
+                with autocast:
+                    out = phase.loss(ctx)
+                # 1/2^k scales are exact in floating point, so accumulation changes only the summation grouping
+                self.backend.backward(out.loss / len(contexts) if len(contexts) > 1 else out.loss, phase.updates)
+                losses.append(out.loss.detach())
+                for key, value in out.metrics.items():
+                    metrics[key].append(value)
+        if len(contexts) == 1:
+            return LossOut(losses[0], {k: v[0] for k, v in metrics.items()})
+        return LossOut(torch.stack(losses).mean(), {k: torch.stack(v).mean() for k, v in metrics.items()})
 
     def train_step(self, step: int, sums: dict) -> None:
-        ctx = self.make_context(step)
+        contexts = self.micro_contexts(step)
         for phase in self.method.phases(step):
             t0 = time.perf_counter()
-            out = self.phase_backward(phase, ctx)
+            out = self.phase_backward(phase, contexts)
             norms = self.backend.clip_and_step(phase.updates)
             if "generator" in phase.updates:
                 self.backend.ema_update()

@@ -23,9 +23,9 @@ info = init_distributed(need_group=backend != "data_parallel")
 STEPS = 5
 FAMILIES = {
     "toy": ("recipes/tiny/toy_smoke.yaml", [f"teacher.pretrained={toy_teacher}", "family.hidden=32",
-                                             "distill.train.batch_size=8"]),
+                                             "distill.train.batch_size=8", "distill.train.micro_batch_size=4"]),
     "sdxl": ("recipes/tiny/sdxl_tiny.yaml", [f"teacher.pretrained={sdxl_teacher}", f"data.real_remote={real_stream}",
-                                              "distill.train.batch_size=4"]),
+                                              "distill.train.batch_size=4", "distill.train.micro_batch_size=2"]),
 }
 
 for family, (recipe_path, family_overrides) in FAMILIES.items():
@@ -40,9 +40,9 @@ for family, (recipe_path, family_overrides) in FAMILIES.items():
         grads, losses = {}, {}
         for step in range(STEPS):
             sums = defaultdict(list)
-            ctx = t.make_context(step)
+            contexts = t.micro_contexts(step)
             for phase in t.method.phases(step):
-                out = t.phase_backward(phase, ctx)
+                out = t.phase_backward(phase, contexts)
                 if step == 0:
                     for role in phase.updates:
                         grads[f"{phase.name}/{role}"] = t.backend.full_grads(role)   # collective

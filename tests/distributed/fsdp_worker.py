@@ -60,7 +60,7 @@ else:
     for step in range(5):
         ctx = t.make_context(step)
         for phase in t.method.phases(step):
-            t.phase_backward(phase, ctx)
+            t.phase_backward(phase, [ctx])
             t.backend.clip_and_step(phase.updates)
             if "generator" in phase.updates:
                 with CommDebugMode() as comm:

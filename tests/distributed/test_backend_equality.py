@@ -63,17 +63,16 @@ def inputs(tmp_path_factory):
     return out, (toy, sdxl, real)
 
 
-# Gradients that are, at step 0, the difference of two nearly equal terms: the fake score starts as a copy of the
-# teacher, so DMD's generator gradient is (fake - real) of two almost identical predictions, and a random head's
-# gradient is the difference of its real and fake logits' gradients. Float summation order (a batch of 4 on one
-# process, 2 + 2 on two) changes each term by ~1e-7 relative; the cancellation magnifies that in the difference.
-# These are compared at 5e-2 of the role's largest entry; every other role at 1e-5.
-CANCELLATION = {"toy_adm": ("discriminator/heads",),
-                "sdxl_dmd": ("generator/generator",),
-                "sdxl_dmd2": ("generator/generator", "critic/fake_score", "critic/heads"),
-                "sdxl_adm": ("discriminator/heads",)}
-# Adam turns that noise into full-size steps on near-zero entries (update ~ lr * sign(g) at step 1), so ADM's
-# generator loss, read through the heads, drifts apart after two updates: later steps are compared at 5e-2.
+# Every case runs with the same micro-batches (global batch / 2 per backward): one process accumulating two
+# micro-batches does the same per-sample arithmetic as two ranks, so most roles agree to ~1e-7 (many bitwise).
+# One gradient is a difference of nearly equal terms by construction: ADM's heads at step 0 see the teacher's and the
+# fake score's one-ODE-step outputs from the same x_t (dt = T/64), and the fake score is still a near copy of the
+# teacher, so each logit gradient cancels its partner to ~1e-4; the rounding of the gradient reduction (~1e-7) is
+# magnified ~1e3 there (measured 1.7e-4 on the tiny SDXL twin, 0 on the toy). It is compared at 1e-3.
+CANCELLATION = {"toy_adm": ("discriminator/heads",), "sdxl_adm": ("discriminator/heads",)}
+# The hinge loss makes ADM's generator loss chaotic once the heads have stepped: ~1e-7 differences in the heads'
+# first update reach ~1e-2 of the generator loss by the fourth step (measured 7e-6 at step 3, 1.3e-2 at step 4 on
+# the toy). Steps 3-4 of that loss are compared at 5e-2; every other loss at 1e-4 over all five steps.
 ADAM_AMPLIFIED = {"toy_adm": "loss/generator", "sdxl_adm": "loss/generator"}
 
 
@@ -94,7 +93,7 @@ def test_two_ranks_equal_one_process(inputs, backend):
         two = json.loads((out / f"{case}_{backend}_2.json").read_text())
         for step, values in one["losses"].items():
             for key, value in values.items():
-                rel = 5e-2 if ADAM_AMPLIFIED.get(case) == key and int(step) >= 2 else 1e-4
+                rel = 5e-2 if ADAM_AMPLIFIED.get(case) == key and int(step) >= 3 else 1e-4
                 got = two["losses"][step][key]
                 if abs(got - value) > rel * abs(value) + 1e-7:
                     failures.append(f"{case} step {step} {key}: {got} vs {value}")
@@ -104,7 +103,7 @@ def test_two_ranks_equal_one_process(inputs, backend):
         for phase_role, grads in g1.items():
             assert grads.keys() == g2[phase_role].keys(), (case, phase_role)
             worst = role_relative_difference(grads, g2[phase_role])
-            limit = 5e-2 if phase_role in CANCELLATION.get(case, ()) else 1e-5
+            limit = 1e-3 if phase_role in CANCELLATION.get(case, ()) else 1e-5
             print(f"{backend} {case} {phase_role}: {worst:.1e} (limit {limit:.0e})")
             if worst > limit:
                 failures.append(f"{case} {phase_role}: gradient differs by {worst:.2e} of its scale")

@@ -88,7 +88,8 @@ def test_cli_exit_2_one_line_no_traceback(tmp_path):
     bad = write(tmp_path, "bad.yaml", f"run: {{dir: {tmp_path}/run}}\ndistill:\n  train: {{stepz: 1, batch_size: 2}}\n")
     wrong = write(tmp_path, "wrong.yaml", f"run: {{dir: {tmp_path}/run}}\nteacher:\n  train: {{steps: x, batch_size: 2}}\n")
     for args in ([bad], [wrong], [str(tmp_path / "missing.yaml")], [SMOKE, "distill.train.steps"],
-                 [SMOKE, f"run.dir={tmp_path}/run", "distill.train.steps=-1"]):
+                 [SMOKE, f"run.dir={tmp_path}/run", "distill.train.steps=-1"],
+                 [SMOKE, f"run.dir={tmp_path}/run", "distill.train.batch_size=8", "distill.train.micro_batch_size=3"]):
         result = run_cli(*args)
         assert result.returncode == 2, result
         lines = result.stderr.strip().splitlines()

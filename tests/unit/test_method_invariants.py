@@ -39,7 +39,7 @@ def test_invariant_15_23_gradient_isolation(tmp_path, method, num_steps):
         ctx = trainer.make_context(step)
         names = []
         for phase in trainer.method.phases(step):
-            trainer.phase_backward(phase, ctx)
+            trainer.phase_backward(phase, [ctx])
             assert_isolated(trainer, phase, set(phase.updates))
             trainer.backend.clip_and_step(phase.updates)
             names.append(phase.name)

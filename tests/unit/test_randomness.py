@@ -10,8 +10,22 @@ def test_two_ranks_draw_what_one_rank_draws():
     halves = [StepRandom(5, 3, sample_indices(3, 8, r, 2)) for r in range(2)]
     for purpose in ("noise", "t"):
         full = one.normal(purpose, (4,))
-        assert torch.equal(torch.cat([h.normal(purpose, (4,)) for h in halves]), full)
-    assert torch.equal(torch.cat([h.uniform("u") for h in halves]), one.uniform("u"))
+        for rank, half in enumerate(halves):   # rank r holds global positions r, r + 2, ... (streaming's layout)
+            assert torch.equal(half.normal(purpose, (4,)), full[rank::2])
+    for rank, half in enumerate(halves):
+        assert torch.equal(half.uniform("u"), one.uniform("u")[rank::2])
+
+
+def test_ranks_and_micro_batches_partition_the_global_batch():
+    from data.streaming_import import import_streaming
+    import_streaming()
+    from streaming.base.partition import get_partitions
+    for world_size in (1, 2, 4):
+        held = [sample_indices(3, 8, r, world_size) for r in range(world_size)]
+        assert sorted(i for r in held for i in r) == list(range(24, 32))
+        # streaming's own partition of a 64-sample epoch, batch 8 / world_size per rank: the same positions
+        ids = get_partitions("orig", 64, 1, 1, world_size, 1, 8 // world_size, 0)[0, :, 0, 3]   # [ranks, local]
+        assert [list(r) for r in held] == [[int(i) for i in row] for row in ids]
 
 
 def test_draws_differ_by_purpose_step_seed_and_sample():

@@ -20,7 +20,9 @@ class Backend:
     wrap(role, module)       place an already built role (shard, replicate)
     frozen(*roles)           context: parameters of those roles do not require grad (input grads still flow)
     backward(loss, roles)    one backward; reduce the roles' gradients across data-parallel ranks
-    clip_and_step(roles)     clip each role's gradient, step its optimizer; returns {role: norm} device tensors
+    clip_and_step(roles, skip)
+                             clip each role's gradient, step its optimizer unless `skip` (a 0/1 device flag) or
+                             the gradient norm is non-finite; returns {role: pre-clip norm} device tensors
     ema_update()             update the generator's fp32 EMA from its fp32 master weights
     full_state(role)         full (unsharded) state dict of a role; called on all ranks
     """
@@ -45,10 +47,18 @@ class Backend:
         """One optimizer per trainable role, on the placed (possibly sharded) parameters, before any forward."""
         self.optimizers[role], self.schedulers[role] = make_optimizer(self.modules[role].parameters(), cfg)
 
-    def step_role(self, role: str) -> None:
-        self.optimizers[role].step()
+    def step_role(self, role: str, skip: torch.Tensor | None = None) -> None:
+        """skip: 0/1 device flag handed to the fused AdamW as `found_inf` (as torch's GradScaler does): at 1 the
+        kernel leaves parameters, moments and step count untouched; no host sync."""
+        optimizer = self.optimizers[role]
+        if skip is not None:
+            optimizer.found_inf = skip
+        try:
+            optimizer.step()
+        finally:
+            optimizer.__dict__.pop("found_inf", None)
         self.schedulers[role].step()
-        self.optimizers[role].zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
 
     def lr(self, role: str) -> float:
         return self.optimizers[role].param_groups[0]["lr"]
@@ -106,12 +116,19 @@ def build_backend(parallel_cfg, dist_info, family, grad_clip: float, ema_decay: 
     raise ValueError(f"unknown parallel backend '{parallel_cfg.backend}'")
 
 
+def skip_flag(norm: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+    """The found_inf a backend hands its optimizer: a non-finite gradient norm, or the caller's flag (trainer/guards)."""
+    bad = (~torch.isfinite(norm)).float().reshape(())
+    return bad if skip is None else torch.maximum(bad, skip.to(bad.device))
+
+
 def warmup_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 def make_optimizer(params, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (DMD2: betas (0.9, 0.999), weight decay 0.01) with a linear warm-up then constant LR."""
+    """AdamW (DMD2: betas (0.9, 0.999), weight decay 0.01) with a linear warm-up then constant LR. Fused: one
+    kernel per parameter group, and it takes the guards' found_inf flag (skip on the device)."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                            foreach=True)
+                            fused=True)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.warmup_steps))

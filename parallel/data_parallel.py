@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.backend import Backend
+from parallel.backend import Backend, skip_flag
 
 
 class DataParallelBackend(Backend):
@@ -53,13 +53,13 @@ class DataParallelBackend(Backend):
             g.copy_(flat[offset: offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def clip_and_step(self, roles: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def clip_and_step(self, roles: tuple[str, ...], skip: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         norms = {}
         for role in roles:
             params = [p for p in self.modules[role].parameters() if p.grad is not None]
             # returns the pre-clip total norm as a device tensor: no host sync here
             norms[role] = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
-            self.step_role(role)
+            self.step_role(role, skip_flag(norms[role], skip))
         return norms
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from parallel.backend import Backend
+from parallel.backend import Backend, skip_flag
 
 
 def load_local_shards(module: nn.Module, source) -> None:
@@ -127,7 +127,7 @@ class FSDP2Backend(Backend):
     def backward(self, loss: torch.Tensor, roles: tuple[str, ...]) -> None:
         loss.backward()   # FSDP2 reduce-scatters each unit's gradients during backward
 
-    def clip_and_step(self, roles: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def clip_and_step(self, roles: tuple[str, ...], skip: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         norms = {}
         for role in roles:
             params = [p for p in self.modules[role].parameters() if p.grad is not None]
@@ -136,7 +136,7 @@ class FSDP2Backend(Backend):
                 total = total.full_tensor()   # one scalar all-reduce; stays on the device (no host sync)
             torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total, foreach=True)
             norms[role] = total
-            self.step_role(role)
+            self.step_role(role, skip_flag(total, skip))
         return norms
 
     @torch.no_grad()

@@ -109,7 +109,7 @@ class Zero3Backend(Backend):
     def setup_optimizer(self, role: str, cfg) -> None:
         module = self.raw[role]
         optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                      weight_decay=cfg.weight_decay, foreach=True)
+                                      weight_decay=cfg.weight_decay, fused=True)   # fused: takes found_inf
         numel = sum(p.ds_numel for p in module.parameters())
         engine, *_ = self.ds.initialize(model=module, optimizer=optimizer, config=self.ds_config(True, numel))
         self.engines[role] = engine
@@ -139,11 +139,18 @@ class Zero3Backend(Backend):
             if optimizer._backward_active_depth:   # the queued epilogue did not run: gradients not reduced
                 raise RuntimeError(f"ZeRO-3 {role}: backward finished without its gradient epilogue")
 
-    def clip_and_step(self, roles: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def clip_and_step(self, roles: tuple[str, ...], skip: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """skip: the guards' flag, handed to the fused client AdamW as found_inf (DeepSpeed computes the norm inside
+        its step, so only the loss flag can skip here)."""
         norms = {}
         for role in roles:
-            engine = self.engines[role]
-            engine.step()                     # clip (gradient_clipping) + AdamW on the fp32 partitions + zero grads
+            engine, optimizer = self.engines[role], self.optimizers[role]
+            if skip is not None:
+                optimizer.found_inf = skip
+            try:
+                engine.step()                 # clip (gradient_clipping) + AdamW on the fp32 partitions + zero grads
+            finally:
+                optimizer.__dict__.pop("found_inf", None)
             norm = engine.get_global_grad_norm()
             norms[role] = norm if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
             self.schedulers[role].step()

@@ -200,6 +200,9 @@ class GuardsConfig(Section):
     max_rollbacks: int = Field(2, ge=0, description="rollbacks per run before the stage fails")
     disc_win_accuracy: float = Field(0.99, gt=0.5, le=1, description="alarm when the discriminator classifies at "
                                      "least this fraction of real and fake samples right over a logging window")
+    disc_win_logit_gap: float = Field(10.0, gt=0, description="alarm when the discriminator's mean real logit "
+                                      "exceeds its mean fake logit by this much over a logging window (10x the hinge "
+                                      "margin): it separates the two outright")
     sample_abs_limit: float = Field(4.0, gt=0, description="|generator sample| above this counts as saturated "
                                     "(data units: the toy's data, the families' scaled latents)")
     saturation_fraction: float = Field(0.05, gt=0, le=1, description="alarm when more than this fraction of the "

@@ -118,15 +118,20 @@ def main(argv=None) -> int:
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_EXIT
+    from trainer.guards import GuardError
     started = time.perf_counter()
     metrics = None
-    for stage in recipe.stages:
-        if stage == "teacher":
-            run_teacher_stage(recipe, run_dir, dist_info, log)
-        elif stage == "distill":
-            run_distill_stage(recipe, run_dir, dist_info, log)
-        elif stage == "evaluate":
-            metrics = run_evaluate_stage(recipe, run_dir, dist_info, log)
+    try:
+        for stage in recipe.stages:
+            if stage == "teacher":
+                run_teacher_stage(recipe, run_dir, dist_info, log)
+            elif stage == "distill":
+                run_distill_stage(recipe, run_dir, dist_info, log)
+            elif stage == "evaluate":
+                metrics = run_evaluate_stage(recipe, run_dir, dist_info, log)
+    except GuardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if dist_info.is_main:
         log(f"done in {time.perf_counter() - started:.1f} s. run dir: {os.path.abspath(run_dir)}")
         log(f"  config:      {run_dir}/config.yaml")

@@ -11,7 +11,7 @@ from tqdm import tqdm
 class Monitor:
     def __init__(self, log_dir: str, enabled: bool, total_steps: int, start_step: int, desc: str,
                  progress: bool = True):
-        self.enabled = enabled
+        self.enabled, self.desc = enabled, desc
         self.writer = None
         self.bar = None
         if enabled:
@@ -33,6 +33,25 @@ class Monitor:
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)
+
+    def alarm(self, step: int, name: str, message: str) -> None:
+        """One line in the log and, in tensorboard, `alarms/<name>` = 1 at `step` plus the message as text."""
+        if not self.enabled:
+            return
+        line = f"[{self.desc}] ALARM at step {step}: {message}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+        self.writer.add_scalar(f"alarms/{name}", 1.0, step)
+        self.writer.add_text(f"alarms/{name}", message, step)
+        self.writer.flush()
+
+    def reset_to(self, step: int) -> None:
+        """After a rollback: the bar shows the step the stage continues from."""
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
 
     def image(self, tag: str, chw, step: int) -> None:
         if self.enabled:

@@ -95,7 +95,7 @@ def run_teacher_stage(recipe, run_dir: str, dist_info, log) -> None:
     trainer = DistillTrainer(stage_dir=stage_dir, stage_name="teacher", method=DenoisePretrain(recipe.teacher, family),
                              nets=Nets(generator=net), backend=backend, denoiser=build_denoiser(recipe),
                              family=family, loop=loop_config(train, seed), dist_info=dist_info, student_timesteps=[],
-                             real_stream=ToyStream(family.dataset, seed))
+                             real_stream=ToyStream(family.dataset, seed), guards_cfg=recipe.guards)
     trainer.run()
     ema = backend.full_state("ema")   # a collective under sharded backends: every rank calls it
     if dist_info.is_main:
@@ -138,7 +138,7 @@ def build_distill_trainer(recipe, run_dir: str, dist_info) -> DistillTrainer:
                           student_timesteps=denoiser.schedule.student_timesteps(generator_cfg.num_steps),
                           conditioning_timestep=generator_cfg.conditioning_timestep,
                           real_stream=real_data(recipe, family, dist_info, train.batch_size) if method.needs_real_data
-                          else None)
+                          else None, guards_cfg=recipe.guards)
 
 
 def real_data(recipe, family, dist_info, global_batch: int):

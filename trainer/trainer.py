@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.checkpoint import Checkpointer
+from trainer.guards import GuardError, Guards, nonfinite_flag, sample_statistics
 from trainer.methods.base import LossOut, Method, Nets, StepContext
 from trainer.monitor import Monitor
 from trainer.randomness import StepRandom, sample_indices
@@ -35,12 +36,16 @@ class LoopConfig:
 class DistillTrainer:
     def __init__(self, *, stage_dir: str, stage_name: str, method: Method, nets: Nets, backend, denoiser, family,
                  loop: LoopConfig, dist_info, student_timesteps: list[float],
-                 conditioning_timestep: Optional[float] = None, real_stream=None):
+                 conditioning_timestep: Optional[float] = None, real_stream=None, guards_cfg=None):
         self.stage_dir, self.stage_name = stage_dir, stage_name
         self.method, self.nets, self.backend = method, nets, backend
         self.denoiser, self.family, self.loop, self.dist = denoiser, family, loop, dist_info
         self.student_timesteps, self.conditioning_timestep = student_timesteps, conditioning_timestep
         self.real_stream = real_stream
+        if guards_cfg is None:
+            from trainer.config import GuardsConfig
+            guards_cfg = GuardsConfig()
+        self.guards = Guards(guards_cfg)
         self.checkpointer = Checkpointer(stage_dir, loop.keep_last, dist_info.is_main)
         self.step = 0
         self.samples_seen = 0
@@ -111,13 +116,14 @@ class DistillTrainer:
                                   None if real is None else (real[0][m::count], real[1][m::count]))
                 for m in range(count)]
 
-    def phase_backward(self, phase, contexts: list[StepContext]) -> LossOut:
+    def phase_backward(self, phase, contexts: list[StepContext], poison: bool = False) -> LossOut:
         """Freeze the roles this phase does not update, then per micro-batch: loss, backward (+ gradient reduction).
         Gradients accumulate over the micro-batches; each loss is scaled by 1/len(contexts), so the sum is the local
         batch's mean. Returns the mean loss and metrics over the micro-batches.
 
         The generator stays trainable: its sample may carry a graph into a later phase of this step; critic
-        losses detach it, so it receives no gradient there (tests/unit/test_method_invariants.py checks)."""
+        losses detach it, so it receives no gradient there (tests/unit/test_method_invariants.py checks).
+        poison: replace the loss by NaN (guards.inject_nan_at_steps, the guards' own tests)."""
         frozen = [m for r, m in self.nets.present().items() if r not in phase.updates and r != "generator"]
         autocast = (torch.autocast(self.dist.device.type, dtype=torch.bfloat16) if self.loop.bf16
                     else self.backend.compute_context())
@@ -128,6 +134,8 @@ class DistillTrainer:
             for ctx in contexts:
                 with autocast:
                     out = phase.loss(ctx)
+                if poison:
+                    out = LossOut(out.loss * float("nan"), out.metrics)
                 # 1/2^k scales are exact in floating point, so accumulation changes only the summation grouping
                 self.backend.backward(out.loss / len(contexts) if len(contexts) > 1 else out.loss, phase.updates)
                 losses.append(out.loss.detach())
@@ -139,19 +147,47 @@ class DistillTrainer:
 
     def train_step(self, step: int, sums: dict) -> None:
         contexts = self.micro_contexts(step)
+        poison = self.guards.inject(step)
+        step_skipped = torch.zeros((), device=self.dist.device)
         for phase in self.method.phases(step):
             t0 = time.perf_counter()
-            out = self.phase_backward(phase, contexts)
-            norms = self.backend.clip_and_step(phase.updates)
+            out = self.phase_backward(phase, contexts, poison)
+            # a non-finite loss on any rank skips this phase's update on the device (trainer/guards.py)
+            skip = nonfinite_flag(out.loss)
+            norms = self.backend.clip_and_step(phase.updates, skip)
             if "generator" in phase.updates:
-                self.backend.ema_update()
+                self.backend.ema_update()   # a skipped update left the weights as they were: the EMA stays finite
+            step_skipped = torch.maximum(step_skipped, skip)
             sums[f"loss/{phase.name}"].append(out.loss.detach())
             for key, value in out.metrics.items():
                 sums[f"metrics/{key}"].append(value)
             for role, norm in norms.items():
                 sums[f"grad_norm/{role}"].append(norm.detach())
+                step_skipped = torch.maximum(step_skipped, (~torch.isfinite(norm.detach())).float().reshape(()))
             # host-side wall time of the phase as issued (on GPU this is launch time unless something syncs)
             sums[f"time/{phase.name}_seconds"].append(torch.tensor(time.perf_counter() - t0))
+        self.guards.record_step(step_skipped)
+        samples = [c._generator_x0 for c in contexts if c._generator_x0 is not None]
+        if samples:
+            for key, value in sample_statistics(torch.cat(samples), self.guards.cfg.sample_abs_limit).items():
+                sums[key].append(value)
+
+    def roll_back(self, monitor: Monitor) -> None:
+        """Return to the last complete checkpoint after `max_consecutive_skips` skipped updates in a row."""
+        cfg, at = self.guards.cfg, self.step
+        reason = f"{self.guards.consecutive_skips} updates skipped in a row (non-finite losses) up to step {at}"
+        if self.guards.rollbacks >= cfg.max_rollbacks:
+            raise GuardError(f"[{self.stage_name}] {reason}, after {self.guards.rollbacks} rollbacks: stopping "
+                             f"(hint: lower the learning rates or raise guards.max_rollbacks)")
+        if self.checkpointer.latest_path() is None:
+            raise GuardError(f"[{self.stage_name}] {reason}, and no checkpoint to roll back to "
+                             f"(hint: lower train.checkpoint_every)")
+        self.guards.rollbacks += 1
+        self.guards.consecutive_skips = 0
+        self.resume()
+        monitor.alarm(at, "rollback", f"{reason}: rolled back to the checkpoint of step {self.step} "
+                                      f"(rollback {self.guards.rollbacks} of at most {cfg.max_rollbacks})")
+        monitor.reset_to(self.step)
 
     # --- loop ------------------------------------------------------------------------------------------------
     def reduce_metrics(self, sums: dict) -> dict[str, float]:
@@ -172,23 +208,33 @@ class DistillTrainer:
             monitor.bar.write(f"[{self.stage_name}] resumed at step {self.step} ({self.samples_seen} samples seen)")
         sums: dict = defaultdict(list)
         window_start, window_steps = time.perf_counter(), 0
-        while self.step < loop.steps:
-            self.train_step(self.step, sums)
-            self.step += 1
-            self.samples_seen += loop.batch_size
-            window_steps += 1
-            monitor.advance()
-            if self.step % loop.log_every == 0 or self.step == loop.steps:
-                values = self.reduce_metrics(sums)
-                elapsed = time.perf_counter() - window_start
-                values["throughput/samples_per_second"] = window_steps * loop.batch_size / elapsed
-                values["throughput/step_seconds"] = elapsed / window_steps
-                values["progress/samples_seen"] = float(self.samples_seen)
-                for role in self.backend.optimizers:
-                    values[f"lr/{role}"] = self.backend.lr(role)
-                monitor.scalars(self.step, values)
-                sums.clear()
-                window_start, window_steps = time.perf_counter(), 0
-            if self.step % loop.checkpoint_every == 0 or self.step == loop.steps:
-                self.save()
-        monitor.close()
+        try:
+            while self.step < loop.steps:
+                self.train_step(self.step, sums)
+                self.step += 1
+                self.samples_seen += loop.batch_size
+                window_steps += 1
+                monitor.advance()
+                if self.step % loop.log_every == 0 or self.step == loop.steps:
+                    values = self.reduce_metrics(sums)
+                    elapsed = time.perf_counter() - window_start
+                    values["throughput/samples_per_second"] = window_steps * loop.batch_size / elapsed
+                    values["throughput/step_seconds"] = elapsed / window_steps
+                    values["progress/samples_seen"] = float(self.samples_seen)
+                    for role in self.backend.optimizers:
+                        values[f"lr/{role}"] = self.backend.lr(role)
+                    self.guards.read_window()          # the flags' one host sync, beside the metrics' own
+                    values["guards/skipped_updates"] = float(self.guards.skipped_updates)
+                    values["guards/rollbacks"] = float(self.guards.rollbacks)
+                    monitor.scalars(self.step, values)
+                    for name, message in self.guards.alarms(values):
+                        monitor.alarm(self.step, name, message)
+                    sums.clear()
+                    window_start, window_steps = time.perf_counter(), 0
+                    if self.guards.should_roll_back():
+                        self.roll_back(monitor)
+                        continue
+                if self.step % loop.checkpoint_every == 0 or self.step == loop.steps:
+                    self.save()
+        finally:   # the bar's last line before any error line
+            monitor.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from trainer.denoiser import cat_conditions
+from trainer.guards import discriminator_accuracy
 from trainer.losses import hinge_discriminator_loss, hinge_generator_loss
 from trainer.methods.base import LossOut, Phase, StepContext
 from trainer.methods.dmd import DMD
@@ -78,4 +79,5 @@ class ADM(DMD):
         real_logits, fake_logits = logits.chunk(2)
         loss = hinge_discriminator_loss(real_logits, fake_logits)
         return LossOut(loss, {"discriminator": loss.detach(), "logits_real": real_logits.detach().mean(),
-                              "logits_fake": fake_logits.detach().mean()})
+                              "logits_fake": fake_logits.detach().mean(),
+                              "disc_accuracy": discriminator_accuracy(real_logits.detach(), fake_logits.detach())})

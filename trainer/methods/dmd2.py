@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from trainer.guards import discriminator_accuracy
 from trainer.losses import denoising_loss, nonsaturating_discriminator_loss, nonsaturating_generator_loss
 from trainer.methods.base import LossOut, Phase, StepContext
 from trainer.methods.dmd import DMD
@@ -45,5 +46,6 @@ class DMD2(DMD):
         real_logits = self.discriminator_logits(ctx, ctx.real_x, "gan_real", ctx.real_cond)
         gan_loss = nonsaturating_discriminator_loss(real_logits, fake_logits)
         out.metrics.update(discriminator_gan=gan_loss.detach(), logits_real=real_logits.detach().mean(),
-                           logits_fake=fake_logits.detach().mean())
+                           logits_fake=fake_logits.detach().mean(),
+                           disc_accuracy=discriminator_accuracy(real_logits.detach(), fake_logits.detach()))
         return LossOut(out.loss + self.cfg.disc_gan_weight * gan_loss, out.metrics)

@@ -12,7 +12,7 @@ import os
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class RecipeError(Exception):
@@ -212,6 +212,34 @@ class GuardsConfig(Section):
                                            "itself): these steps' losses are replaced by NaN")
 
 
+class LaunchConfig(Section):
+    """How `python -m slurm.submit` launches the recipe: one srun task per node running torchrun."""
+    nodes: int = Field(1, gt=0)
+    gpus_per_node: int = Field(8, gt=0, description="torchrun processes per node (one per GPU; CPU processes "
+                               "when device is cpu)")
+    device: Literal["gpu", "cpu"] = Field("gpu", description="gpu: request --gres=gpu:<gpus_per_node>")
+    cpus_per_task: int = Field(16, gt=0, description="CPU cores per node for its torchrun and workers")
+    time: str = Field("24:00:00", pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$",
+                      description="Slurm time limit, [D-]HH:MM:SS")
+    partition: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.,-]+$")
+    account: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    job_name: str = Field("dmdx", pattern=r"^[A-Za-z0-9_.-]+$")
+    signal_seconds: int = Field(300, gt=0, description="USR1 this long before the time limit: the trainer "
+                                "checkpoints at its next logging step and the job requeues itself")
+    max_restarts: int = Field(3, ge=0, description="torchrun --max-restarts: worker-group restarts after a failure")
+    rdzv_port: int = Field(29500, gt=0, lt=65536, description="c10d rendezvous port on the first node")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for the job")
+    sbatch_args: list[str] = Field(default_factory=list, description="extra sbatch options, one per item")
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _sexagesimal(cls, value):
+        """YAML 1.1 reads an unquoted 1:00:00 as the integer 3600 (seconds): turn it back into H:MM:SS."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{value // 3600}:{value % 3600 // 60:02d}:{value % 60:02d}"
+        return value
+
+
 class Recipe(Section):
     run: RunConfig
     family: FamilyConfig = Field(default_factory=ToyFamilyConfig)
@@ -223,6 +251,7 @@ class Recipe(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
     stages: list[Stage] = Field(default_factory=lambda: ["teacher", "distill", "evaluate"])
 
 

@@ -30,6 +30,16 @@ def parse_args(argv):
     return parser.parse_intermixed_args(argv)   # overrides may follow the flags
 
 
+def same_run(written: str, text: str) -> bool:
+    """Two resolved recipes describe the same run when they agree on everything but `launch` (nodes, time limit,
+    partition: resuming on another allocation is the point)."""
+    import yaml
+    a, b = yaml.safe_load(written), yaml.safe_load(text)
+    a.pop("launch", None)
+    b.pop("launch", None)
+    return a == b
+
+
 def prepare_run_dir(recipe, log) -> str:
     """Write the resolved recipe into the run dir; a run dir holding a DIFFERENT recipe is refused (resuming it
     with other settings would silently mix two runs)."""
@@ -37,7 +47,7 @@ def prepare_run_dir(recipe, log) -> str:
     text = dump_recipe(recipe)
     path = os.path.join(run_dir, "config.yaml")
     if os.path.isfile(path):
-        if open(path).read() != text:
+        if not same_run(open(path).read(), text):
             raise RecipeError(path, "run.dir", "this run directory holds a different recipe",
                               "pick a new run.dir, or rerun with the exact same recipe and overrides to resume")
         return run_dir
@@ -119,6 +129,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_EXIT
     from trainer.guards import GuardError
+    from trainer.trainer import Preempted
     started = time.perf_counter()
     metrics = None
     try:
@@ -132,6 +143,10 @@ def main(argv=None) -> int:
     except GuardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:
+        log(str(e))
+        shutdown()
+        return 0
     if dist_info.is_main:
         log(f"done in {time.perf_counter() - started:.1f} s. run dir: {os.path.abspath(run_dir)}")
         log(f"  config:      {run_dir}/config.yaml")

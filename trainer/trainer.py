@@ -6,6 +6,7 @@ It owns checkpoint cadence, resume, metric reduction and logging; the method own
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -19,6 +20,13 @@ from trainer.guards import GuardError, Guards, nonfinite_flag, sample_statistics
 from trainer.methods.base import LossOut, Method, Nets, StepContext
 from trainer.monitor import Monitor
 from trainer.randomness import StepRandom, sample_indices
+
+
+PREEMPT_FILE_ENV = "DMDX_PREEMPT_FILE"
+
+
+class Preempted(Exception):
+    """The job script asked for a checkpoint and a clean stop (trainer.main exits 0 after it)."""
 
 
 @dataclass
@@ -172,6 +180,26 @@ class DistillTrainer:
             for key, value in sample_statistics(torch.cat(samples), self.guards.cfg.sample_abs_limit).items():
                 sums[key].append(value)
 
+    def preemption_requested(self) -> bool:
+        """Whether the job script asked this run to checkpoint and stop (slurm/: the USR1 trap touches the file
+        named by DMDX_PREEMPT_FILE). Read at the logging cadence only: rank 0 looks at the file and every rank
+        follows its answer (one scalar all-reduce + host read, beside the metrics' own sync)."""
+        path = os.environ.get(PREEMPT_FILE_ENV)
+        if not path:
+            return False
+        flag = torch.tensor(float(self.dist.is_main and os.path.exists(path)), device=self.dist.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def consume_preemption_request(self) -> None:
+        """Remove the request once the checkpoint is written: the job script requeues only when it is gone."""
+        if self.dist.is_main:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.environ[PREEMPT_FILE_ENV])
+        if dist.is_initialized():
+            dist.barrier()
+
     def roll_back(self, monitor: Monitor) -> None:
         """Return to the last complete checkpoint after `max_consecutive_skips` skipped updates in a row."""
         cfg, at = self.guards.cfg, self.step
@@ -234,6 +262,12 @@ class DistillTrainer:
                     if self.guards.should_roll_back():
                         self.roll_back(monitor)
                         continue
+                    if self.preemption_requested():
+                        self.save()
+                        self.consume_preemption_request()
+                        raise Preempted(f"[{self.stage_name}] preempted at step {self.step} "
+                                        f"({self.samples_seen} samples seen): checkpoint written; rerunning the same "
+                                        f"command resumes here")
                 if self.step % loop.checkpoint_every == 0 or self.step == loop.steps:
                     self.save()
         finally:   # the bar's last line before any error line

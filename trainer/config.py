@@ -91,6 +91,8 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(500, gt=0)
     keep_last: int = Field(2, gt=0)
     log_every: int = Field(50, gt=0)
+    sample_every: int = Field(0, ge=0, description="every this many steps, a fixed-seed grid of the generator's "
+                              "samples goes to tensorboard (images; latent previews for latent families); 0: off")
 
 
 class TeacherConfig(Section):
@@ -177,6 +179,9 @@ class ParallelConfig(Section):
     dp_replicate: int = Field(1, ge=1, description="HSDP replicas (fsdp2)")
     dp_shard: int = Field(-1, ge=-1, description="shards per replica (fsdp2); -1: world / (dp_replicate * sp)")
     sp: int = Field(1, ge=1, description="sequence-parallel degree")
+    collective_timeout_seconds: int = Field(600, gt=0, description="a collective waiting longer than this (a hung or "
+                                            "dead peer) fails the process group, so torchrun restarts it instead of "
+                                            "the job hanging until its time limit")
     mixed_precision: Literal["fp32", "bf16"] = "fp32"
     reshard_after_forward: bool = True
     cpu_offload: bool = False

@@ -98,8 +98,9 @@ def metrics_for(samples: torch.Tensor, labels: torch.Tensor, dataset: ToyDataset
     return out
 
 
-def sample_grid_png(samples: torch.Tensor, dataset: ToyDataset, path: str) -> np.ndarray:
-    """Digits: an 8x8 grid of 8x8 images (x4); grids: a 512 px scatter plot. Returns the HWC uint8 image."""
+def sample_grid_png(samples: torch.Tensor, dataset: ToyDataset, path: str | None) -> np.ndarray:
+    """Digits: an 8x8 grid of 8x8 images (x4); grids: a 512 px scatter plot. Returns the HWC uint8 image, also
+    written to `path` unless it is None."""
     if dataset.data_dim == 64:
         n = min(64, len(samples))
         cols = 8
@@ -125,7 +126,8 @@ def sample_grid_png(samples: torch.Tensor, dataset: ToyDataset, path: str) -> np
         for dx in (-1, 0, 1):
             for dy in (-1, 0, 1):
                 rgb[np.clip(size - 1 - ys + dy, 0, size - 1), np.clip(xs + dx, 0, size - 1)] = (30, 60, 200)
-    Image.fromarray(rgb).save(path)
+    if path is not None:
+        Image.fromarray(rgb).save(path)
     return rgb
 
 

@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     from parallel.distributed import init_distributed, shutdown
     from trainer.stages import run_distill_stage, run_evaluate_stage, run_teacher_stage
 
-    dist_info = init_distributed(need_group=recipe.parallel.backend != "data_parallel")
+    dist_info = init_distributed(timeout_seconds=recipe.parallel.collective_timeout_seconds,
+                                 need_group=recipe.parallel.backend != "data_parallel")
     log = (lambda msg: print(msg, flush=True)) if dist_info.is_main else (lambda msg: None)
     from parallel.dims import ParallelDims, ParallelDimsError
     try:

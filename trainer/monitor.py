@@ -30,6 +30,12 @@ class Monitor:
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in list(loss_keys.items())[:3]}, refresh=False)
 
+    def histograms(self, step: int, tensors: dict) -> None:
+        """Per-sample values (discriminator logits) of the window's last step, as tensorboard histograms."""
+        if self.enabled:
+            for key, value in tensors.items():
+                self.writer.add_histogram(f"histograms/{key}", value.detach().float().cpu(), step)
+
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)
@@ -53,9 +59,10 @@ class Monitor:
             self.bar.n = step
             self.bar.refresh()
 
-    def image(self, tag: str, chw, step: int) -> None:
+    def image(self, tag: str, hwc, step: int) -> None:
+        """An HWC uint8 image."""
         if self.enabled:
-            self.writer.add_image(tag, chw, step)
+            self.writer.add_image(tag, hwc, step, dataformats="HWC")
 
     def close(self) -> None:
         if self.bar is not None:

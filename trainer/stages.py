@@ -38,7 +38,7 @@ def build_denoiser(recipe) -> Denoiser:
 def loop_config(train, seed: int) -> LoopConfig:
     return LoopConfig(steps=train.steps, batch_size=train.batch_size, micro_batch_size=train.micro_batch_size,
                       seed=seed, log_every=train.log_every, checkpoint_every=train.checkpoint_every,
-                      keep_last=train.keep_last, bf16=train.bf16)
+                      keep_last=train.keep_last, bf16=train.bf16, sample_every=train.sample_every)
 
 
 def save_atomic(state: dict, path: str) -> None:
@@ -285,8 +285,8 @@ def run_evaluate_stage(recipe, run_dir: str, dist_info, log) -> dict | None:
     for who in ("student", "teacher"):
         for key, value in metrics[who].items():
             monitor.writer.add_scalar(f"eval/{who}/{key}", value, 0)
-    monitor.image("eval/student_samples", torch.from_numpy(img).permute(2, 0, 1), 0)
-    monitor.image("eval/teacher_samples", torch.from_numpy(img_teacher).permute(2, 0, 1), 0)
+    monitor.image("eval/student_samples", img, 0)
+    monitor.image("eval/teacher_samples", img_teacher, 0)
     monitor.close()
     barrier()
     return metrics

@@ -25,6 +25,15 @@ from trainer.randomness import StepRandom, sample_indices
 PREEMPT_FILE_ENV = "DMDX_PREEMPT_FILE"
 
 
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """This rank's peak memory in GiB: CUDA's peak allocated and reserved bytes, or the process's peak RSS."""
+    if device.type == "cuda":
+        return {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    import resource
+    return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 class Preempted(Exception):
     """The job script asked for a checkpoint and a clean stop (trainer.main exits 0 after it)."""
 
@@ -39,6 +48,7 @@ class LoopConfig:
     keep_last: int
     bf16: bool = False
     micro_batch_size: Optional[int] = None   # per rank per backward; None: the whole local batch
+    sample_every: int = 0                    # steps between fixed-seed sample grids in tensorboard; 0: off
 
 
 class DistillTrainer:
@@ -57,6 +67,8 @@ class DistillTrainer:
         self.checkpointer = Checkpointer(stage_dir, loop.keep_last, dist_info.is_main)
         self.step = 0
         self.samples_seen = 0
+        self.device_hours = 0.0          # world size x wall time over every attempt of this stage (extra_state)
+        self.last_histograms: dict[str, torch.Tensor] = {}
         if loop.batch_size % dist_info.world_size:
             raise ValueError(f"batch_size {loop.batch_size} is not divisible by world size {dist_info.world_size}")
         local_batch = loop.batch_size // dist_info.world_size
@@ -69,10 +81,11 @@ class DistillTrainer:
         the bundled toy data needs none (it is a pure function of samples_seen)."""
         data = self.real_stream.state_dict() if hasattr(self.real_stream, "state_dict") else {}
         return {"step": self.step, "samples_seen": self.samples_seen, "data": data,
-                "world_size": self.dist.world_size}
+                "world_size": self.dist.world_size, "device_hours": self.device_hours}
 
     def load_extra_state(self, extra: dict) -> None:
         self.step, self.samples_seen = extra["step"], extra["samples_seen"]
+        self.device_hours = extra.get("device_hours", 0.0)
         if extra.get("data") and hasattr(self.real_stream, "load_state_dict"):
             self.real_stream.load_state_dict(extra["data"])
 
@@ -135,7 +148,7 @@ class DistillTrainer:
         frozen = [m for r, m in self.nets.present().items() if r not in phase.updates and r != "generator"]
         autocast = (torch.autocast(self.dist.device.type, dtype=torch.bfloat16) if self.loop.bf16
                     else self.backend.compute_context())
-        losses, metrics = [], defaultdict(list)
+        losses, metrics, histograms = [], defaultdict(list), defaultdict(list)
         # backward inside the frozen context too: activation checkpointing recomputes forwards during backward,
         # and they must see the same requires_grad flags as the original forward
         with self.backend.frozen(frozen):
@@ -149,9 +162,12 @@ class DistillTrainer:
                 losses.append(out.loss.detach())
                 for key, value in out.metrics.items():
                     metrics[key].append(value)
+                for key, value in out.histograms.items():
+                    histograms[key].append(value)
+        histograms = {k: torch.cat(v) for k, v in histograms.items()}
         if len(contexts) == 1:
-            return LossOut(losses[0], {k: v[0] for k, v in metrics.items()})
-        return LossOut(torch.stack(losses).mean(), {k: torch.stack(v).mean() for k, v in metrics.items()})
+            return LossOut(losses[0], {k: v[0] for k, v in metrics.items()}, histograms)
+        return LossOut(torch.stack(losses).mean(), {k: torch.stack(v).mean() for k, v in metrics.items()}, histograms)
 
     def train_step(self, step: int, sums: dict) -> None:
         contexts = self.micro_contexts(step)
@@ -169,6 +185,8 @@ class DistillTrainer:
             sums[f"loss/{phase.name}"].append(out.loss.detach())
             for key, value in out.metrics.items():
                 sums[f"metrics/{key}"].append(value)
+            for key, value in out.histograms.items():
+                self.last_histograms[f"{phase.name}/{key}"] = value   # device tensors; read at the log cadence
             for role, norm in norms.items():
                 sums[f"grad_norm/{role}"].append(norm.detach())
                 step_skipped = torch.maximum(step_skipped, (~torch.isfinite(norm.detach())).float().reshape(()))
@@ -179,6 +197,23 @@ class DistillTrainer:
         if samples:
             for key, value in sample_statistics(torch.cat(samples), self.guards.cfg.sample_abs_limit).items():
                 sums[key].append(value)
+
+    GRID_SAMPLES, GRID_SEED = 16, 12345
+
+    @torch.no_grad()
+    def log_sample_grid(self, monitor: Monitor) -> None:
+        """The generator's K-step samples for fixed noise and prompts (the same every time) as a tensorboard image.
+        Every rank runs the forward (sharded generators gather their weights); rank 0 renders and writes."""
+        from trainer.sampling import student_sample
+        n, device = self.GRID_SAMPLES, self.dist.device
+        rand = StepRandom(self.GRID_SEED, 0, range(n), device)
+        cond = self.family.condition(self.family.prompt_labels(range(n), self.GRID_SEED).to(device))
+        with self.backend.compute_context():
+            samples = student_sample(self.denoiser, self.nets.generator, cond, self.student_timesteps,
+                                     lambda i: rand.normal(f"grid_noise_{i}", self.family.data_shape),
+                                     self.conditioning_timestep)
+        if self.dist.is_main:
+            monitor.image("samples/grid", self.family.render_grid(samples), self.step)
 
     def preemption_requested(self) -> bool:
         """Whether the job script asked this run to checkpoint and stop (slurm/: the USR1 trap touches the file
@@ -236,8 +271,11 @@ class DistillTrainer:
             monitor.bar.write(f"[{self.stage_name}] resumed at step {self.step} ({self.samples_seen} samples seen)")
         sums: dict = defaultdict(list)
         window_start, window_steps = time.perf_counter(), 0
+        hang_rank, _, hang_step = os.environ.get("DMDX_FAULT_HANG_AT_STEP", "-1:-1").partition(":")
         try:
             while self.step < loop.steps:
+                if self.dist.rank == int(hang_rank) and self.step == int(hang_step):
+                    time.sleep(1e6)     # fault injection (tests/e2e/test_elastic.py): a rank that hangs
                 self.train_step(self.step, sums)
                 self.step += 1
                 self.samples_seen += loop.batch_size
@@ -249,12 +287,16 @@ class DistillTrainer:
                     values["throughput/samples_per_second"] = window_steps * loop.batch_size / elapsed
                     values["throughput/step_seconds"] = elapsed / window_steps
                     values["progress/samples_seen"] = float(self.samples_seen)
+                    self.device_hours += self.dist.world_size * elapsed / 3600
+                    values["progress/device_hours"] = self.device_hours   # GPU-hours on GPUs
+                    values.update(memory_stats(self.dist.device))
                     for role in self.backend.optimizers:
                         values[f"lr/{role}"] = self.backend.lr(role)
                     self.guards.read_window()          # the flags' one host sync, beside the metrics' own
                     values["guards/skipped_updates"] = float(self.guards.skipped_updates)
                     values["guards/rollbacks"] = float(self.guards.rollbacks)
                     monitor.scalars(self.step, values)
+                    monitor.histograms(self.step, self.last_histograms)
                     for name, message in self.guards.alarms(values):
                         monitor.alarm(self.step, name, message)
                     sums.clear()
@@ -268,6 +310,8 @@ class DistillTrainer:
                         raise Preempted(f"[{self.stage_name}] preempted at step {self.step} "
                                         f"({self.samples_seen} samples seen): checkpoint written; rerunning the same "
                                         f"command resumes here")
+                if loop.sample_every and self.student_timesteps and self.step % loop.sample_every == 0:
+                    self.log_sample_grid(monitor)
                 if self.step % loop.checkpoint_every == 0 or self.step == loop.steps:
                     self.save()
         finally:   # the bar's last line before any error line

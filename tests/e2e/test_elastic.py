@@ -133,3 +133,18 @@ def test_agent_killed_for_good_survivor_resumes_alone(tmp_path, teacher):
     worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
     print(f"final generator vs uninterrupted 1-process run: max abs diff {worst:.2e}")
     assert worst < 1e-5
+
+
+def test_a_hung_rank_fails_the_group_fast(tmp_path, teacher):
+    """Rank 1 stops answering at step 5: rank 0's collective times out after parallel.collective_timeout_seconds,
+    and the launch fails (no restarts left) instead of hanging."""
+    env = dict(ENV, DMDX_FAULT_HANG_AT_STEP="1:5")
+    started = time.time()
+    result = subprocess.run(torchrun("1", 2, f"127.0.0.1:{free_port()}",
+                                     *overrides(tmp_path / "run", teacher, "parallel.collective_timeout_seconds=10"),
+                                     max_restarts=0), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    elapsed = time.time() - started
+    print(f"hung rank: the launch failed after {elapsed:.0f} s (timeout 10 s)")
+    assert result.returncode != 0
+    assert elapsed < 120
+    assert re.search(r"[Tt]imed? ?out", result.stderr), result.stderr[-2000:]

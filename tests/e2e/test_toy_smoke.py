@@ -66,8 +66,15 @@ def test_smoke_outputs(reference):
     tags = set(acc.Tags()["scalars"])
     for tag in ("loss/fake_score", "loss/generator", "loss/discriminator", "grad_norm/generator",
                 "grad_norm/heads", "lr/generator", "throughput/samples_per_second", "throughput/step_seconds",
-                "metrics/logits_real", "metrics/logits_fake"):
+                "metrics/logits_real", "metrics/logits_fake", "metrics/disc_accuracy", "samples/mean",
+                "samples/saturated_fraction", "guards/skipped_updates", "progress/device_hours",
+                "memory/peak_rss_gib", "time/generator_seconds"):
         assert tag in tags, tag
+    assert {"histograms/discriminator/logits_real", "histograms/discriminator/logits_fake"} <= set(
+        acc.Tags()["histograms"])
+    assert "samples/grid" in acc.Tags()["images"]          # fixed-seed grids every distill.train.sample_every
+    hours = [e.value for e in acc.Scalars("progress/device_hours")]
+    assert hours == sorted(hours) and hours[-1] > 0
 
 
 def test_rerun_of_finished_run_skips_every_stage(reference):

@@ -110,3 +110,16 @@ def test_heads_learning_rate_x1000_raises_discriminator_wins(tmp_path, heads_lr_
     raised = "the discriminator wins outright" in result.stderr
     assert raised == (heads_lr_scale == 1000), result.stderr[-2000:]
     assert bool(scalars(run_dir, "alarms/discriminator_wins")) == raised
+
+
+def test_sdxl_latent_preview_grid_shape():
+    from trainer.config import load_recipe
+    from trainer.families import build_family
+    family = build_family(load_recipe(os.path.join(ROOT, "recipes/tiny/sdxl_tiny.yaml"),
+                                      ["teacher.pretrained=stabilityai/sdxl-planning-only"]), planning=True)
+    latents = torch.randn(6, *family.data_shape)
+    image = family.render_grid(latents)
+    h, w = family.data_shape[1:]
+    assert image.shape == (2 * h, 4 * w, 3) and image.dtype.name == "uint8"
+    assert image[:h, :w].max() == 255 and image[:h, :w].min() == 0     # each sample scaled to its own range
+    assert image[h:, 2 * w:].max() == 0                                # the padding tiles stay black

@@ -81,6 +81,20 @@ class SDXLFamily:
         self.prompt_tokens = torch.randn(cfg.num_prompts, cfg.prompt_length, self.text_dim, generator=generator)
         self.prompt_pooled = torch.randn(cfg.num_prompts, self.pooled_dim, generator=generator)
 
+    def render_grid(self, samples: torch.Tensor):
+        """HWC uint8 preview of latents [N, 4, h, w]: channels 0-2 as RGB, each sample scaled to its own range,
+        tiled 4 per row. A latent preview, not pixels: the VAE decode lands with the text encoders (issue #6)."""
+        import numpy as np
+        x = samples.float().cpu()[:, :3]
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        x = ((x - lo) / (hi - lo).clamp_min(1e-6) * 255).to(torch.uint8)            # [N, 3, h, w]
+        cols = min(4, len(x))
+        rows = (len(x) + cols - 1) // cols
+        pad = torch.zeros(rows * cols - len(x), *x.shape[1:], dtype=torch.uint8)
+        x = torch.cat([x, pad]).reshape(rows, cols, *x.shape[1:])                    # [R, C, 3, h, w]
+        return np.ascontiguousarray(x.permute(0, 3, 1, 4, 2).reshape(rows * x.shape[3], cols * x.shape[4], 3).numpy())
+
     # --- roles -------------------------------------------------------------------------------------------------
     def build_denoiser(self) -> SDXLUNet:
         return SDXLUNet.from_config(self.config)

@@ -106,6 +106,11 @@ class ToyFamily:
         denoiser = (x, t, labels)
         return {"generator": denoiser, "fake_score": denoiser, "heads": (features,)}
 
+    def render_grid(self, samples: torch.Tensor):
+        """HWC uint8 image of generator samples [N, D] (tensorboard's periodic sample grid)."""
+        from trainer.evaluation import sample_grid_png
+        return sample_grid_png(samples.float().cpu(), self.dataset, None)
+
     # --- conditioning -----------------------------------------------------------------------------------
     @property
     def conditional(self) -> bool:

@@ -80,4 +80,5 @@ class ADM(DMD):
         loss = hinge_discriminator_loss(real_logits, fake_logits)
         return LossOut(loss, {"discriminator": loss.detach(), "logits_real": real_logits.detach().mean(),
                               "logits_fake": fake_logits.detach().mean(),
-                              "disc_accuracy": discriminator_accuracy(real_logits.detach(), fake_logits.detach())})
+                              "disc_accuracy": discriminator_accuracy(real_logits.detach(), fake_logits.detach())},
+                       {"logits_real": real_logits.detach(), "logits_fake": fake_logits.detach()})

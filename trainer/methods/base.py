@@ -34,9 +34,11 @@ class Nets:
 
 @dataclass
 class LossOut:
-    """loss: scalar tensor to backpropagate; metrics: detached scalars (the trainer reduces and logs them)."""
+    """loss: scalar tensor to backpropagate; metrics: detached scalars (the trainer reduces and logs them);
+    histograms: detached per-sample tensors, e.g. discriminator logits [B] (rank 0 logs the window's last ones)."""
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    histograms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

@@ -48,4 +48,5 @@ class DMD2(DMD):
         out.metrics.update(discriminator_gan=gan_loss.detach(), logits_real=real_logits.detach().mean(),
                            logits_fake=fake_logits.detach().mean(),
                            disc_accuracy=discriminator_accuracy(real_logits.detach(), fake_logits.detach()))
-        return LossOut(out.loss + self.cfg.disc_gan_weight * gan_loss, out.metrics)
+        return LossOut(out.loss + self.cfg.disc_gan_weight * gan_loss, out.metrics,
+                       {"logits_real": real_logits.detach(), "logits_fake": fake_logits.detach()})

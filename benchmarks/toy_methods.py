@@ -1,11 +1,17 @@
-"""Benchmark: DMD vs DMD2 vs ADM on the toys, over seeds. Prints a table (method x toy x seed).
+"""Benchmark: the DMDX pipeline against its parts and the baselines on the toys, over seeds. Prints a table
+(method x toy x seed) and the means.
 
     python benchmarks/toy_methods.py [--out runs/bench] [--seeds 0 1 2] [--toys digits grid25u] [--jobs 2]
-                                     [--methods dmd dmd2 adm] [key=value ...]
+                                     [--methods regression adp adm dmdx dmd dmd2] [--scale 1.0] [key=value ...]
 
-One teacher per toy (trained once, seed 0), then one distillation per (method, seed) through the real CLI, each
-evaluated against held-out data: FD in the evaluation classifier's feature space, classes or modes covered,
-precision / recall, and student sampling throughput. Extra key=value overrides apply to every run.
+Per toy, one teacher (seed 0) and one set of its ODE pairs are made once and shared. Then per (method, seed):
+  regression  ODE-pair regression alone (DMD2's initialisation; the paper's ablation A1)    pretrain stage
+  adp         ADP alone (ablation A5)                                                        pretrain stage
+  dmdx        ADP then ADM from ADP's generator (Table 4 row B4): reuses the adp run's student
+  adm         ADM alone from the teacher's weights (Table 4 row B1), as many generator updates as dmdx in total
+  dmd, dmd2   the baselines, as many generator updates as adm
+each through the real CLI and evaluated against held-out data: FD in the evaluation classifier's feature space,
+classes or modes covered, precision / recall. --scale multiplies every stage's step count (0.5: half-length runs).
 Never run in CI (minutes per run). Finished runs are reused on rerun (each run dir resumes).
 """
 from __future__ import annotations
@@ -20,9 +26,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = {("digits", "adm"): "recipes/toy/default.yaml", ("digits", "dmd"): "recipes/toy/dmd.yaml",
-           ("digits", "dmd2"): "recipes/toy/dmd2.yaml", ("grid25u", "adm"): "recipes/toy/grid25u_adm.yaml",
-           ("grid25u", "dmd"): "recipes/toy/grid25u_dmd.yaml", ("grid25u", "dmd2"): "recipes/toy/grid25u_dmd2.yaml"}
+PREFIX = {"digits": "recipes/toy/", "grid25u": "recipes/toy/grid25u_"}
+RECIPE = {"regression": "regression", "adp": "adp", "dmdx": "dmdx", "adm": "adm", "dmd": "dmd", "dmd2": "dmd2"}
+PRETRAIN_STEPS, DISTILL_STEPS = 1000, 1000     # the default recipe's (dmdx): ADP 1000 + ADM 1000
+
+
+def recipe_for(toy: str, method: str) -> str:
+    name = "default" if (toy, method) == ("digits", "dmdx") else RECIPE[method]
+    return f"recipes/toy/{name}.yaml" if toy == "digits" else f"{PREFIX[toy]}{name}.yaml"
 
 
 def cli(recipe: str, run_dir: str, overrides: list[str]) -> float:
@@ -35,64 +46,91 @@ def cli(recipe: str, run_dir: str, overrides: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def method_overrides(method: str, scale: float, shared: dict, out: str, toy: str, seed: int) -> list[str]:
+    pretrain = max(1, round(PRETRAIN_STEPS * scale))
+    distill = max(1, round(DISTILL_STEPS * scale))
+    base = [f"run.seed={seed}", f"teacher.pretrained={shared['teacher']}"]
+    if method in ("regression", "adp"):
+        return base + [f"data.pairs_remote={shared['pairs']}", "stages=[pretrain,evaluate]",
+                       f"pretrain.train.steps={pretrain}"]
+    if method == "dmdx":
+        return base + [f"distill.init_generator={out}/{toy}_adp_seed{seed}/pretrain/student.safetensors",
+                       "stages=[distill,evaluate]", f"distill.train.steps={distill}"]
+    return base + ["stages=[distill,evaluate]", f"distill.train.steps={pretrain + distill}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--toys", nargs="+", default=["digits", "grid25u"])
-    parser.add_argument("--methods", nargs="+", default=["dmd", "dmd2", "adm"])
+    parser.add_argument("--methods", nargs="+", default=["regression", "adp", "dmdx", "adm", "dmd", "dmd2"])
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU core each)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     out = os.path.abspath(args.out)
+    if "dmdx" in args.methods and "adp" not in args.methods:
+        parser.error("dmdx starts from the adp runs' students: list adp too")
 
-    teachers = {}
+    shared = {}
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {toy: pool.submit(cli, RECIPES[(toy, "adm")], f"{out}/{toy}_teacher",
-                                    ["stages=[teacher]", *args.overrides]) for toy in args.toys}
+        futures = {toy: pool.submit(cli, recipe_for(toy, "dmdx"), f"{out}/{toy}_teacher",
+                                    ["stages=[teacher,collect]", *args.overrides]) for toy in args.toys}
         for toy, fut in futures.items():
             fut.result()
-            teachers[toy] = f"{out}/{toy}_teacher/teacher/teacher.safetensors"
+            shared[toy] = {"teacher": f"{out}/{toy}_teacher/teacher/teacher.safetensors",
+                           "pairs": f"{out}/{toy}_teacher/ode_pairs"}
         jobs = {}
-        for toy in args.toys:
-            for method in args.methods:
+        # adp before dmdx: dmdx starts from the adp run's student
+        order = sorted(args.methods, key=lambda m: (m == "dmdx", m != "adp"))
+        pending = {}
+        for method in order:
+            for toy in args.toys:
                 for seed in args.seeds:
                     run_dir = f"{out}/{toy}_{method}_seed{seed}"
-                    jobs[(toy, method, seed)] = (run_dir, pool.submit(
-                        cli, RECIPES[(toy, method)], run_dir,
-                        [f"run.seed={seed}", f"teacher.pretrained={teachers[toy]}", "stages=[distill,evaluate]",
-                         *args.overrides]))
+                    overrides = method_overrides(method, args.scale, shared[toy], out, toy, seed) + args.overrides
+                    if method == "dmdx":
+                        pending[(toy, "adp", seed)][1].result()
+                    fut = pool.submit(cli, recipe_for(toy, method), run_dir, overrides)
+                    jobs[(toy, method, seed)] = pending[(toy, method, seed)] = (run_dir, fut)
         rows = []
-        for (toy, method, seed), (run_dir, fut) in jobs.items():
+        for (toy, method, seed), (run_dir, fut) in sorted(jobs.items(), key=lambda kv: (
+                kv[0][0], args.methods.index(kv[0][1]), kv[0][2])):
             seconds = fut.result()
             m = json.load(open(f"{run_dir}/evaluate/metrics.json"))
             rows.append((toy, method, seed, m, seconds))
 
     coverage = lambda m: m.get("classes_covered", m.get("modes_covered"))  # noqa: E731
-    header = (f"{'toy':8} {'method':6} {'seed':>4} {'FD':>8} {'FD/teach':>8} {'covered':>7} {'prec':>5} "
-              f"{'recall':>6} {'student samples/s':>17} {'wall s':>7}")
+    header = (f"{'toy':8} {'method':10} {'seed':>4} {'FD':>8} {'FD/teach':>8} {'covered':>7} {'prec':>5} "
+              f"{'recall':>6} {'wall s':>7}")
+    print(f"steps: pretrain {round(PRETRAIN_STEPS * args.scale)}, distill after pretrain "
+          f"{round(DISTILL_STEPS * args.scale)}, distill alone {round((PRETRAIN_STEPS + DISTILL_STEPS) * args.scale)}")
     print(header)
     print("-" * len(header))
     for toy, method, seed, m, seconds in rows:
         s = m["student"]
-        print(f"{toy:8} {method:6} {seed:>4} {s['fd']:8.3f} {m['fd_ratio_student_over_teacher']:8.2f} "
-              f"{coverage(s):>7} {s['precision']:5.3f} {s['recall']:6.3f} {m['student_samples_per_second']:17.0f} "
-              f"{seconds:7.0f}")
+        print(f"{toy:8} {method:10} {seed:>4} {s['fd']:8.3f} {m['fd_ratio_student_over_teacher']:8.2f} "
+              f"{coverage(s):>7} {s['precision']:5.3f} {s['recall']:6.3f} {seconds:7.0f}")
     print()
     print("teacher (multi-step sampler, same guidance):")
     for toy in args.toys:
         m = next(r[3] for r in rows if r[0] == toy)
         t = m["teacher"]
         print(f"  {toy:8} FD {t['fd']:.3f}  covered {coverage(t)}  precision {t['precision']:.3f}  recall "
-              f"{t['recall']:.3f}  samples/s {m['teacher_samples_per_second']:.0f}  ({m['teacher_sampler_steps']} steps)")
+              f"{t['recall']:.3f}  ({m['teacher_sampler_steps']} steps)")
     print()
-    print("mean over seeds:")
+    print("mean ± std over seeds:")
     for toy in args.toys:
         for method in args.methods:
             sel = [r[3]["student"] for r in rows if r[0] == toy and r[1] == method]
-            print(f"  {toy:8} {method:6} FD {statistics.mean(x['fd'] for x in sel):8.3f}  covered "
-                  f"{statistics.mean(coverage(x) for x in sel):5.1f}  precision "
-                  f"{statistics.mean(x['precision'] for x in sel):.3f}  recall {statistics.mean(x['recall'] for x in sel):.3f}")
+
+            def stat(key):
+                values = [x[key] for x in sel]
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                return f"{statistics.mean(values):7.3f} ± {spread:5.3f}"
+            print(f"  {toy:8} {method:10} FD {stat('fd')}  covered {statistics.mean(coverage(x) for x in sel):5.1f}"
+                  f"  precision {stat('precision')}  recall {stat('recall')}")
 
 
 if __name__ == "__main__":

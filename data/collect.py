@@ -20,7 +20,6 @@ from trainer.config import RecipeError, load_recipe
 
 def collect_pairs(recipe, dist_info, progress: bool = True) -> str:
     import torch
-    from safetensors.torch import load_file
     from tqdm import tqdm
 
     from data.parts import PartsWriter, units_of_rank
@@ -29,14 +28,12 @@ def collect_pairs(recipe, dist_info, progress: bool = True) -> str:
     from trainer.families import build_family
     from trainer.randomness import StepRandom, derive_seed
     from trainer.sampling import teacher_sample
-    from trainer.stages import build_denoiser, teacher_path
+    from trainer.stages import build_denoiser, load_teacher
 
     cfg = recipe.collect
     out = cfg.out or os.path.join(recipe.run.dir, "ode_pairs")
     family, denoiser = build_family(recipe), build_denoiser(recipe)
-    teacher = family.build_denoiser()
-    teacher.load_state_dict(load_file(teacher_path(recipe, recipe.run.dir)))
-    teacher.eval().requires_grad_(False)
+    teacher = load_teacher(recipe, recipe.run.dir, family)
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else recipe.distill.method.guidance_scale
     sampler = {"name": "ode_first_order", "steps": cfg.sampler_steps, "guidance_scale": guidance,
                "prediction": recipe.schedule.prediction}
@@ -44,6 +41,9 @@ def collect_pairs(recipe, dist_info, progress: bool = True) -> str:
     num_units = math.ceil(cfg.num_pairs / cfg.micro_batch)
     writer = PartsWriter(out, columns("ode_pairs"))
     mine = [u for u in units_of_rank(num_units, dist_info.rank, dist_info.world_size) if not writer.done(u)]
+    already = sum(writer.done(u) for u in range(num_units))
+    if already and dist_info.is_main:
+        print(f"[collect] resuming: {already} of {num_units} micro-batches already written", flush=True)
     bar = tqdm(mine, desc="collect ode pairs", unit="micro-batch", disable=not (progress and dist_info.is_main),
                file=sys.stderr)
     for unit in bar:
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         return 2
     from trainer.stages import teacher_path
     t_path = teacher_path(recipe, recipe.run.dir)
-    if not os.path.isfile(t_path):
+    if not os.path.exists(t_path) and recipe.teacher.pretrained is None:
         print(f"error: {args.recipe}: teacher.pretrained: no teacher at {t_path} (hint: run python -m trainer.main "
               f"{args.recipe} stages=[teacher] first, or set teacher.pretrained)", file=sys.stderr)
         return 2

@@ -84,13 +84,19 @@ class TrainingStream:
                  check_hashes: bool = True):
         streaming = import_streaming()
         self.kind = kind
-        if _is_local(remote):
+        local_stream = _is_local(remote)
+        if local_stream:
             self.num_samples = verify_local_stream(remote, kind, check_hashes)
+            if local is None:
+                # read a local stream in place: with remote set and no local, streaming copies the shards into a
+                # temp folder named by the path's hash, which then refuses a second reader (another job, or a rerun
+                # after a kill left it behind)
+                remote, local = None, remote
         # remote object stores: streaming validates each downloaded shard against its recorded hash
         self.dataset = streaming.StreamingDataset(
             remote=remote, local=local, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
             num_canonical_nodes=num_canonical_nodes, replication=replication,
-            validate_hash=None if _is_local(remote) else HASH)
+            validate_hash=None if local_stream else HASH)
         self.loader = streaming.StreamingDataLoader(self.dataset, batch_size=batch_size, num_workers=0,
                                                     collate_fn=_keep_samples, drop_last=True)
         self._iterator = None

@@ -19,6 +19,7 @@ import struct
 import torch
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+TRANSFORMERS_WEIGHTS = "model.safetensors"     # transformers' save_pretrained (SAM, DINOv2, text encoders)
 
 
 def resolve_model_dir(path_or_id: str, subfolder: str | None = None) -> str:
@@ -60,13 +61,17 @@ class StateSource:
             files = [path]
         else:
             folder = resolve_model_dir(path, subfolder)
-            index_path = os.path.join(folder, WEIGHTS + ".index.json")
-            if os.path.isfile(index_path):
-                with open(index_path) as f:
-                    files = [os.path.join(folder, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
-            elif os.path.isfile(os.path.join(folder, WEIGHTS)):
-                files = [os.path.join(folder, WEIGHTS)]
-            else:
+            files = []
+            for weights in (WEIGHTS, TRANSFORMERS_WEIGHTS):
+                index_path = os.path.join(folder, weights + ".index.json")
+                if os.path.isfile(index_path):
+                    with open(index_path) as f:
+                        files = [os.path.join(folder, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+                elif os.path.isfile(os.path.join(folder, weights)):
+                    files = [os.path.join(folder, weights)]
+                if files:
+                    break
+            if not files:
                 raise FileNotFoundError(f"{folder}: no {WEIGHTS} (or its .index.json); hint: save the model with "
                                         f"save_pretrained(..., safe_serialization=True)")
         self._entries: dict[str, tuple[str, int, dict]] = {}
@@ -123,6 +128,73 @@ class StateSource:
     def flat_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor."""
         return self._read(name, start, max(stop - start, 0))
+
+
+class TensorsSource:
+    """An in-memory state dict with StateSource's interface: for small models whose library converts checkpoint keys
+    on load (transformers renames DINOv2's legacy attention keys), read whole through `from_pretrained`."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __enter__(self) -> "TensorsSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def keys(self) -> list[str]:
+        return sorted(self.tensors)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.tensors[name].shape)
+
+    def full(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        t = self.tensors[name]
+        return t if t.dim() == 0 else t[start:stop]
+
+    def flat_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.tensors[name].reshape(-1)[start:stop]
+
+
+class PrefixedSource:
+    """Several sources as one state dict, each under a key prefix, keeping only the keys that start with its
+    `keep` prefix: a role assembled from separately saved models (ADP's pixel backbone: `vae.` from the diffusers
+    pipeline's vae/, `vision.` from a SAM checkpoint whose prompt encoder and mask decoder are dropped)."""
+
+    def __init__(self, parts: dict[str, tuple["StateSource", str]]):
+        self.parts = parts
+        self._map = {prefix + name: (source, name) for prefix, (source, keep) in parts.items()
+                     for name in source.keys() if name.startswith(keep)}
+
+    def __enter__(self) -> "PrefixedSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for source, _ in self.parts.values():
+            source.__exit__(*exc)
+
+    def keys(self) -> list[str]:
+        return sorted(self._map)
+
+    def shape(self, name: str) -> list[int]:
+        source, inner = self._map[name]
+        return source.shape(inner)
+
+    def full(self, name: str) -> torch.Tensor:
+        source, inner = self._map[name]
+        return source.full(inner)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        source, inner = self._map[name]
+        return source.rows(inner, start, stop)
+
+    def flat_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        source, inner = self._map[name]
+        return source.flat_range(inner, start, stop)
 
 
 def load_full_state(module: torch.nn.Module, source: StateSource) -> None:

@@ -36,3 +36,18 @@ def distill_trainer(tmp_path, *overrides):
     path = random_teacher(tmp_path, recipe)
     recipe = tiny_recipe(tmp_path, f"teacher.pretrained={path}", "stages=[distill]", *overrides)
     return build_distill_trainer(recipe, recipe.run.dir, SINGLE)
+
+
+def pretrain_trainer(tmp_path, *overrides):
+    """A pretrain-stage trainer (regression or ADP) over a random teacher, with real ODE pairs collected from it
+    (32 pairs, 4 sampler steps) and the toy's pixel backbone; built but not run."""
+    from data.collect import collect_pairs
+    from trainer.stages import build_stage_trainer, ensure_pixel_backbone
+    recipe = tiny_recipe(tmp_path, *overrides)
+    path = random_teacher(tmp_path, recipe)
+    recipe = tiny_recipe(tmp_path, f"teacher.pretrained={path}", "stages=[collect,pretrain]",
+                         "pretrain.train.batch_size=8", "collect.num_pairs=32", "collect.micro_batch=16",
+                         "collect.sampler_steps=4", *overrides)
+    collect_pairs(recipe, SINGLE, progress=False)
+    ensure_pixel_backbone(recipe, recipe.run.dir, SINGLE, lambda message: None)
+    return build_stage_trainer(recipe, recipe.run.dir, SINGLE, "pretrain")

@@ -54,6 +54,13 @@ class SDXLFamilyConfig(Section):
     prompt_length: int = Field(77, gt=0, description="tokens per prompt embedding")
     prompt_seed: int = 0
     head_hidden: int = Field(128, gt=0, description="channels of each discriminator head's conv")
+    pixel_backbone: Literal["sam", "dinov2"] = Field("sam", description="ADP's pixel discriminator backbone "
+                                                     "(§10.10): SAM's image encoder, or DINOv2")
+    pixel_backbone_pretrained: Optional[str] = Field(
+        None, description="local folder or cached hub id of the backbone (e.g. facebook/sam-vit-base, "
+        "facebook/dinov2-base); default: the checked-in config with random weights (tiny twins only)")
+    pixel_image_size: Optional[int] = Field(None, gt=0, description="the backbone's input size (decoded images are "
+                                            "resized to it); default: the backbone's own (SAM 1024)")
 
 
 FamilyConfig = Annotated[Union[ToyFamilyConfig, SDXLFamilyConfig], Field(discriminator="name")]
@@ -105,7 +112,12 @@ class TeacherConfig(Section):
 
 
 class GeneratorConfig(Section):
+    """The student, shared by the pretrain and distill stages."""
     num_steps: int = Field(1, gt=0, description="K: student sampling steps")
+    prediction: Optional[Literal["eps", "v", "flow"]] = Field(
+        None, description="the generator's own parameterisation (ALGORITHMS.md §10.7); default: the teacher's. "
+        "ADP trains a straight-path velocity predictor: 'flow' (an eps teacher such as SDXL then gets an "
+        "RF-velocity student)")
     conditioning_timestep: Optional[float] = Field(
         None, description="one-step students only: timestep the network sees on pure-noise input (DMD2 SDXL: 399)")
 
@@ -141,9 +153,43 @@ class ADMConfig(Section):
 MethodConfig = Annotated[Union[DMDConfig, DMD2Config, ADMConfig], Field(discriminator="name")]
 
 
+class RegressionConfig(Section):
+    """ODE-pair regression: the student maps each pair's noise to ITS teacher output (DMD's regression loss,
+    DMD2's one-step initialisation, the ADM paper's ablation A1). MSE in data space. ALGORITHMS.md §6.4."""
+    name: Literal["regression"] = "regression"
+
+
+class ADPConfig(Section):
+    """ADP (Lu et al. 2025 §3.3; ALGORITHMS.md §6): velocity on the straight path between the pair's noise and the
+    teacher's output at cubic high-noise timesteps; hybrid hinge discriminators (latent: frozen teacher backbone +
+    heads on re-noised samples; pixel: decode -> frozen vision backbone + heads)."""
+    name: Literal["adp"] = "adp"
+    latent_weight: float = Field(0.85, ge=0, le=1, description="lambda1: latent discriminator")
+    pixel_weight: float = Field(0.15, ge=0, le=1, description="lambda2: pixel discriminator; lambda1 + lambda2 = 1")
+    timestep_power: float = Field(3.0, gt=0, description="student times t = (1 - u^p) T; 3: the paper's cubic")
+    renoise_t_min_frac: float = Field(0.0, ge=0, le=1, description="latent D re-noising t' ~ U[min, max] * T")
+    renoise_t_max_frac: float = Field(1.0, ge=0, le=1)
+    share_renoise: bool = Field(False, description="§10.9: real and fake share (t', noise); default independent")
+    velocity_mse_weight: float = Field(0.0, ge=0, description="§10.8: optional velocity-MSE term on the pairs")
+
+
+PretrainMethodConfig = Annotated[Union[RegressionConfig, ADPConfig], Field(discriminator="name")]
+
+
+class PretrainConfig(Section):
+    """The pretrain stage (DMDX step 2): the student learns from teacher ODE pairs before distillation."""
+    method: PretrainMethodConfig = Field(default_factory=ADPConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=1000, batch_size=256))
+    optimizer: dict[Literal["generator", "heads"], OptimizerConfig] = Field(
+        default_factory=lambda: {r: OptimizerConfig() for r in ("generator", "heads")})
+
+
 class DistillConfig(Section):
     method: MethodConfig = Field(default_factory=ADMConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    init_generator: Optional[str] = Field(
+        None, description="a student .safetensors the generator starts from (default: the pretrain stage's student "
+        "when that stage is listed, else the teacher's weights); the fake score and heads always start fresh")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=2000, batch_size=256))
     optimizer: dict[Literal["generator", "fake_score", "heads"], OptimizerConfig] = Field(
         default_factory=lambda: {r: OptimizerConfig() for r in ("generator", "fake_score", "heads")})
@@ -169,6 +215,9 @@ class DataConfig(Section):
     """Optional MDS streams (local folder or object-store URI). Without them the toy reads its bundled data."""
     real_remote: Optional[str] = Field(None, description="real_latents stream for DMD2's real branch")
     real_local: Optional[str] = Field(None, description="local cache folder for real_remote")
+    pairs_remote: Optional[str] = Field(None, description="ode_pairs stream for the pretrain stage (default: the "
+                                        "collect stage's output, collect.out)")
+    pairs_local: Optional[str] = Field(None, description="local cache folder for pairs_remote")
     num_canonical_nodes: int = Field(1, gt=0, description="fixed so resumption works on any number of nodes")
     check_hashes: bool = True
 
@@ -194,7 +243,8 @@ class ParallelConfig(Section):
         default_factory=list, description="roles whose blocks recompute activations in backward (fsdp2)")
 
 
-Stage = Literal["teacher", "distill", "evaluate"]
+Stage = Literal["teacher", "collect", "pretrain", "distill", "evaluate"]
+STAGE_ORDER = ["teacher", "collect", "pretrain", "distill", "evaluate"]
 
 
 class GuardsConfig(Section):
@@ -250,6 +300,7 @@ class Recipe(Section):
     family: FamilyConfig = Field(default_factory=ToyFamilyConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     collect: CollectConfig = Field(default_factory=CollectConfig)
@@ -364,6 +415,9 @@ def _source_of(dotted: str, provenance: dict, default: str) -> str:
     return default
 
 
+UNION_TAGS = {"toy", "sdxl", "dmd", "dmd2", "adm", "regression", "adp"}
+
+
 def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     provenance: dict[str, str] = {}
     data = _load_with_bases(path, provenance)
@@ -376,6 +430,9 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     distill = data.get("distill")
     if isinstance(distill, dict) and isinstance(distill.get("method"), dict):
         distill["method"].setdefault("name", "adm")
+    pretrain = data.get("pretrain")
+    if isinstance(pretrain, dict) and isinstance(pretrain.get("method"), dict):
+        pretrain["method"].setdefault("name", "adp")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -383,7 +440,7 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
         rank = {"extra_forbidden": 0, "missing": 2}
         err = sorted(e.errors(), key=lambda x: rank.get(x["type"], 1))[0]
         # pydantic puts the union tag ('adm', 'dmd', ...) into the location of a discriminated union; drop it.
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"toy", "dmd", "dmd2", "adm"}))
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in UNION_TAGS))
         dotted = ".".join(str(p) for p in loc)
         source = _source_of(dotted, provenance, path)
         if err["type"] == "extra_forbidden":
@@ -433,6 +490,11 @@ def check_combinations(recipe: Recipe, path: str, provenance: dict) -> None:
         if "teacher" in recipe.stages:
             fail("stages", f"the teacher stage trains toy teachers only; family '{family.name}' distills a "
                            f"pretrained one", "drop 'teacher' from stages and set teacher.pretrained")
+        pm = recipe.pretrain.method
+        if ("pretrain" in recipe.stages and isinstance(pm, ADPConfig) and pm.pixel_weight > 0
+                and family.model != "sdxl_tiny" and family.pixel_backbone_pretrained is None):
+            fail("family.pixel_backbone_pretrained", "ADP's pixel discriminator needs a pretrained backbone (random "
+                 "weights are for the tiny twin only)", "e.g. facebook/sam-vit-base in the local cache")
         if m.name == "dmd2" and recipe.data.real_remote is None:
             fail("data.real_remote", f"{m.name} on family '{family.name}' needs a real_latents stream",
                  "convert images with `python -m data.convert images ... --vae` and set data.real_remote")
@@ -440,8 +502,9 @@ def check_combinations(recipe: Recipe, path: str, provenance: dict) -> None:
     if g.conditioning_timestep is not None and g.num_steps != 1:
         fail("distill.generator.conditioning_timestep", "only one-step students take a conditioning timestep",
              "set generator.num_steps: 1 or drop conditioning_timestep")
-    if "distill" in recipe.stages and recipe.teacher.pretrained is None and "teacher" not in recipe.stages:
-        fail("stages", "distill needs a teacher: list the 'teacher' stage or set teacher.pretrained",
+    needs_teacher = [st for st in ("collect", "pretrain", "distill") if st in recipe.stages]
+    if needs_teacher and recipe.teacher.pretrained is None and "teacher" not in recipe.stages:
+        fail("stages", f"{needs_teacher[0]} needs a teacher: list the 'teacher' stage or set teacher.pretrained",
              "stages: [teacher, distill, evaluate]")
     pretrained = recipe.teacher.pretrained
     if pretrained is not None and family.name == "toy" and not os.path.isfile(pretrained):
@@ -462,9 +525,35 @@ def check_combinations(recipe: Recipe, path: str, provenance: dict) -> None:
         fail("parallel.backend", "dp_replicate / dp_shard / mixed_precision / cpu_offload / activation_checkpointing "
                                  "need a sharded backend",
              "set parallel.backend: fsdp2")
-    order = ["teacher", "distill", "evaluate"]
-    if [st for st in order if st in recipe.stages] != list(recipe.stages):
-        fail("stages", f"stages must be a subset in the order {order}", "e.g. [teacher, distill, evaluate]")
+    if [st for st in STAGE_ORDER if st in recipe.stages] != list(recipe.stages):
+        fail("stages", f"stages must be a subset in the order {STAGE_ORDER}", "e.g. [teacher, distill, evaluate]")
+    check_pretrain(recipe, fail)
+
+
+def generator_prediction(recipe: Recipe) -> str:
+    return recipe.distill.generator.prediction or recipe.schedule.prediction
+
+
+def check_pretrain(recipe: Recipe, fail) -> None:
+    pm, g = recipe.pretrain.method, recipe.distill.generator
+    if isinstance(pm, ADPConfig):
+        if abs(pm.latent_weight + pm.pixel_weight - 1.0) > 1e-6:
+            fail("pretrain.method.pixel_weight", f"latent_weight + pixel_weight must be 1 (got {pm.latent_weight} + "
+                 f"{pm.pixel_weight})", "the paper: 0.85 and 0.15")
+        if pm.renoise_t_min_frac >= pm.renoise_t_max_frac:
+            fail("pretrain.method.renoise_t_min_frac", "must be below renoise_t_max_frac", "e.g. 0 .. 1")
+    if "pretrain" not in recipe.stages:
+        return
+    if isinstance(pm, ADPConfig) and generator_prediction(recipe) != "flow":
+        fail("distill.generator.prediction", f"ADP trains a straight-path velocity student; the generator would "
+             f"predict '{generator_prediction(recipe)}'", "set distill.generator.prediction: flow (§10.7)")
+    if g.conditioning_timestep is not None:
+        fail("distill.generator.conditioning_timestep", "the pretrain stage trains the student at its true "
+             "timesteps, so it cannot be shown a fixed conditioning timestep", "drop conditioning_timestep")
+    if "collect" not in recipe.stages and recipe.data.pairs_remote is None and not os.path.isdir(
+            recipe.collect.out or os.path.join(recipe.run.dir, "ode_pairs")):
+        fail("stages", "pretrain needs teacher ODE pairs: list the 'collect' stage or set data.pairs_remote",
+             "stages: [teacher, collect, pretrain, distill, evaluate]")
 
 
 def dump_recipe(recipe: Recipe) -> str:

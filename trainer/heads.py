@@ -43,3 +43,17 @@ class FeatureHeads(nn.Module):
         per_head = [head(f).float().flatten(1).mean(1) for head, f in zip(self.heads, features)]   # [B] each
         weights = torch.softmax(self.head_logit_weights.float(), 0)
         return (torch.stack(per_head, 1) * weights).sum(1)
+
+
+class HybridHeads(nn.Module):
+    """ADP's two discriminators' trainable parts as one role (one optimizer, one checkpoint entry): heads on the
+    teacher backbone's taps (latent D1) and heads on the frozen vision backbone's features (pixel D2). Called through
+    the root module (`heads(features, "pixel")`) so sharded backends gather the root's parameters as for any call."""
+
+    def __init__(self, latent: FeatureHeads, pixel: FeatureHeads | None):
+        super().__init__()
+        self.latent, self.pixel = latent, pixel
+
+    def forward(self, features: list[torch.Tensor], kind: str = "latent") -> torch.Tensor:
+        """features of one discriminator -> logits [B] (fp32)."""
+        return self.latent(features) if kind == "latent" else self.pixel(features)

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         print(dump_recipe(recipe), end="")
         return dry_run_plan(args, recipe)
     from parallel.distributed import init_distributed, shutdown
-    from trainer.stages import run_distill_stage, run_evaluate_stage, run_teacher_stage
+    from trainer.stages import run_collect_stage, run_distill_stage, run_evaluate_stage, run_teacher_stage
 
     dist_info = init_distributed(timeout_seconds=recipe.parallel.collective_timeout_seconds,
                                  need_group=recipe.parallel.backend != "data_parallel")
@@ -137,8 +137,10 @@ def main(argv=None) -> int:
         for stage in recipe.stages:
             if stage == "teacher":
                 run_teacher_stage(recipe, run_dir, dist_info, log)
-            elif stage == "distill":
-                run_distill_stage(recipe, run_dir, dist_info, log)
+            elif stage == "collect":
+                run_collect_stage(recipe, run_dir, dist_info, log)
+            elif stage in ("pretrain", "distill"):
+                run_distill_stage(recipe, run_dir, dist_info, log, stage)
             elif stage == "evaluate":
                 metrics = run_evaluate_stage(recipe, run_dir, dist_info, log)
     except GuardError as e:

@@ -22,9 +22,14 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="student steps K (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    student = os.path.join(args.run_dir, "distill", "student.safetensors")
-    if not os.path.isfile(os.path.join(args.run_dir, "config.yaml")) or not os.path.isfile(student):
-        print(f"error: {args.run_dir}: no finished distill stage (missing config.yaml or {student}) "
+    config = os.path.join(args.run_dir, "config.yaml")
+    student = None
+    if os.path.isfile(config):
+        from trainer.config import load_recipe
+        from trainer.stages import final_stage, stage_student_path
+        student = stage_student_path(args.run_dir, final_stage(load_recipe(config)) or "distill")
+    if student is None or not os.path.isfile(student):
+        print(f"error: {args.run_dir}: no finished training stage (missing {config if student is None else student}) "
               f"(hint: run python -m trainer.main RECIPE first)", file=sys.stderr)
         return 2
     if args.num <= 0 or (args.steps is not None and args.steps <= 0):

@@ -1,4 +1,5 @@
-"""The recipe's stages: `teacher` (toy only: train the teacher), `distill` (the method), `evaluate`.
+"""The recipe's stages, in order: `teacher` (toy only: train the teacher), `collect` (teacher ODE pairs), `pretrain`
+(regression or ADP on the pairs), `distill` (DMD / DMD2 / ADM), `evaluate`. DMDX = collect -> ADP -> ADM.
 
 Each stage writes into <run_dir>/<stage>/ and is skipped on rerun once its output exists; an unfinished stage resumes
 from its last complete checkpoint. So rerunning the same command is how a run resumes.
@@ -25,6 +26,7 @@ from trainer.schedules import build_schedule
 from trainer.trainer import DistillTrainer, LoopConfig
 
 TEACHER_FILE = "teacher.safetensors"
+PIXEL_BACKBONE_FILE = "pixel_backbone.safetensors"   # the toy's ADP pixel-discriminator backbone (teacher stage)
 STUDENT_FILE = "student.safetensors"        # EMA of the generator: what evaluation, sampling and export use
 GENERATOR_FILE = "generator.safetensors"    # the raw generator weights
 
@@ -33,6 +35,17 @@ def build_denoiser(recipe) -> Denoiser:
     s = recipe.schedule
     return Denoiser(build_schedule(s.prediction, s.beta_start, s.beta_end, s.snr_shift, s.zero_terminal_snr,
                                    s.shift), s.prediction)
+
+
+def build_generator_denoiser(recipe) -> Denoiser:
+    """The student's own parameterisation (§10.7): the teacher's unless distill.generator.prediction says otherwise;
+    an RF-velocity student of a DDPM teacher gets the plain (unshifted) straight path, as ADP trains it."""
+    from trainer.config import generator_prediction
+    prediction = generator_prediction(recipe)
+    if prediction == recipe.schedule.prediction:
+        return build_denoiser(recipe)
+    s = recipe.schedule
+    return Denoiser(build_schedule(prediction, s.beta_start, s.beta_end, 1.0, False, 1.0), prediction)
 
 
 def loop_config(train, seed: int) -> LoopConfig:
@@ -77,9 +90,29 @@ def teacher_path(recipe, run_dir: str) -> str:
     return recipe.teacher.pretrained or os.path.join(run_dir, "teacher", TEACHER_FILE)
 
 
+def pixel_backbone_path(recipe, run_dir: str) -> str:
+    return os.path.join(run_dir, "teacher", PIXEL_BACKBONE_FILE)
+
+
+def ensure_pixel_backbone(recipe, run_dir: str, dist_info, log) -> str:
+    """The toy's pixel backbone (a classifier on the split disjoint from the evaluation classifier's), trained once
+    by rank 0 in the teacher stage (or before ADP when the teacher is pretrained); deterministic."""
+    path = pixel_backbone_path(recipe, run_dir)
+    family = build_family(recipe)
+    if dist_info.is_main and not os.path.isfile(path):
+        state = family.train_pixel_backbone()   # None: the family loads a pretrained backbone instead
+        if state is not None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_atomic(state, path)
+            log(f"[teacher] wrote the pixel-discriminator backbone {path}")
+    barrier()
+    return path
+
+
 def run_teacher_stage(recipe, run_dir: str, dist_info, log) -> None:
     stage_dir = os.path.join(run_dir, "teacher")
     out_path = os.path.join(stage_dir, TEACHER_FILE)
+    ensure_pixel_backbone(recipe, run_dir, dist_info, log)
     if recipe.teacher.pretrained or os.path.isfile(out_path):
         log(f"[teacher] done already: {teacher_path(recipe, run_dir)}")
         return
@@ -104,41 +137,93 @@ def run_teacher_stage(recipe, run_dir: str, dist_info, log) -> None:
     log(f"[teacher] wrote {out_path}")
 
 
-def build_distill_nets(recipe, run_dir: str, backend, family, method) -> Nets:
-    """Teacher (frozen) from its file; generator and fake score initialised from the teacher's weights; fresh
-    heads (seeded). One optimizer per trainable role, and the generator's fp32 EMA."""
+def build_stage_nets(recipe, run_dir: str, backend, family, method, optimizers: dict,
+                     generator_init: str | None = None) -> Nets:
+    """Frozen roles from their files (teacher; ADP's pixel backbone); the generator from `generator_init` (the
+    pretrain stage's student) or the teacher's weights; the fake score from the teacher's weights (always fresh);
+    fresh heads (seeded). One optimizer per trainable role, and the generator's fp32 EMA."""
     seed = recipe.run.seed
     nets = {}
+    big_roles = tuple(r for r in ("teacher",) if r in method.frozen_roles) + tuple(
+        r for r in ("generator", "fake_score") if r in method.trains and not (r == "generator" and generator_init))
     with family.teacher_source(teacher_path(recipe, run_dir)) as source:   # read slice by slice, per rank
-        for role in ("teacher",) + tuple(r for r in ("generator", "fake_score") if r in method.trains):
+        for role in big_roles:
             nets[role] = backend.build_role(role, family.build_denoiser, source, trainable=role != "teacher")
+    if generator_init:
+        from parallel.loading import StateSource
+        with StateSource(generator_init) as source:
+            nets["generator"] = backend.build_role("generator", family.build_denoiser, source, trainable=True)
+    if "pixel_backbone" in method.frozen_roles:
+        with family.pixel_backbone_source(pixel_backbone_path(recipe, run_dir)) as source:
+            nets["pixel_backbone"] = backend.build_role("pixel_backbone", family.build_pixel_backbone, source,
+                                                        trainable=False)
     if "heads" in method.trains:
         torch.manual_seed(derive_seed(seed, "init_heads"))
-        nets["heads"] = backend.build_role("heads", family.build_heads)
+        nets["heads"] = backend.build_role("heads", lambda: method.build_heads(family))
     for role in method.trains:   # optimizers on the placed (possibly sharded) parameters, before any forward
-        backend.setup_optimizer(role, recipe.distill.optimizer[role])
+        backend.setup_optimizer(role, optimizers[role])
     backend.setup_ema()
     backend.warm_up(family.example_inputs(2, backend.dist.device))
     return Nets(**{role: backend.modules[role] for role in nets})
 
 
-def build_distill_trainer(recipe, run_dir: str, dist_info) -> DistillTrainer:
-    stage_dir = os.path.join(run_dir, "distill")
+def stage_student_path(run_dir: str, stage: str) -> str:
+    return os.path.join(run_dir, stage, STUDENT_FILE)
+
+
+def generator_init_path(recipe, run_dir: str, stage: str) -> str | None:
+    """Where the distill stage's generator starts: distill.init_generator, else the pretrain stage's student when
+    that stage is listed (DMDX: ADM starts from ADP's generator), else the teacher."""
+    if stage != "distill":
+        return None
+    if recipe.distill.init_generator:
+        return recipe.distill.init_generator
+    return stage_student_path(run_dir, "pretrain") if "pretrain" in recipe.stages else None
+
+
+def build_stage_trainer(recipe, run_dir: str, dist_info, stage: str = "distill") -> DistillTrainer:
+    """The trainer of a training stage: `pretrain` (recipe.pretrain) or `distill` (recipe.distill)."""
+    stage_dir = os.path.join(run_dir, stage)
     os.makedirs(stage_dir, exist_ok=True)
+    section = getattr(recipe, stage)
     family = build_family(recipe)
-    denoiser = build_denoiser(recipe)
-    method = build_method(recipe.distill.method)
-    train = recipe.distill.train
+    denoiser, generator_denoiser = build_denoiser(recipe), build_generator_denoiser(recipe)
+    method = build_method(section.method)
+    train = section.train
     backend = build_backend(recipe.parallel, dist_info, family, train.grad_clip, train.ema_decay)
-    nets = build_distill_nets(recipe, run_dir, backend, family, method)
+    nets = build_stage_nets(recipe, run_dir, backend, family, method, section.optimizer,
+                            generator_init_path(recipe, run_dir, stage))
     generator_cfg = recipe.distill.generator
-    return DistillTrainer(stage_dir=stage_dir, stage_name=f"distill:{recipe.distill.method.name}", method=method,
+    if method.needs_pairs:
+        data = pairs_data(recipe, run_dir, dist_info, train.batch_size)
+    elif method.needs_real_data:
+        data = real_data(recipe, family, dist_info, train.batch_size)
+    else:
+        data = None
+    return DistillTrainer(stage_dir=stage_dir, stage_name=f"{stage}:{section.method.name}", method=method,
                           nets=nets, backend=backend, denoiser=denoiser, family=family,
                           loop=loop_config(train, recipe.run.seed), dist_info=dist_info,
-                          student_timesteps=denoiser.schedule.student_timesteps(generator_cfg.num_steps),
-                          conditioning_timestep=generator_cfg.conditioning_timestep,
-                          real_stream=real_data(recipe, family, dist_info, train.batch_size) if method.needs_real_data
-                          else None, guards_cfg=recipe.guards)
+                          student_timesteps=generator_denoiser.schedule.student_timesteps(generator_cfg.num_steps),
+                          conditioning_timestep=generator_cfg.conditioning_timestep, real_stream=data,
+                          guards_cfg=recipe.guards, generator_denoiser=generator_denoiser)
+
+
+def build_distill_trainer(recipe, run_dir: str, dist_info) -> DistillTrainer:
+    return build_stage_trainer(recipe, run_dir, dist_info, "distill")
+
+
+def pairs_path(recipe, run_dir: str) -> str:
+    return recipe.data.pairs_remote or recipe.collect.out or os.path.join(run_dir, "ode_pairs")
+
+
+def pairs_data(recipe, run_dir: str, dist_info, global_batch: int):
+    """The teacher ODE pairs (an `ode_pairs` MDS stream) as the trainer's `batch(indices) -> (noise, x0, labels)`."""
+    from data.streams import TrainingStream
+    d = recipe.data
+    stream = TrainingStream("ode_pairs", pairs_path(recipe, run_dir), d.pairs_local,
+                            global_batch // dist_info.world_size, recipe.run.seed,
+                            num_canonical_nodes=d.num_canonical_nodes, check_hashes=d.check_hashes)
+    return StreamAdapter(stream, lambda b: (b.noise.float(), b.outputs.float(), b.labels))
 
 
 def real_data(recipe, family, dist_info, global_batch: int):
@@ -149,21 +234,21 @@ def real_data(recipe, family, dist_info, global_batch: int):
     from data.streams import TrainingStream
     stream = TrainingStream("real_latents", d.real_remote, d.real_local, global_batch // dist_info.world_size,
                             recipe.run.seed, num_canonical_nodes=d.num_canonical_nodes, check_hashes=d.check_hashes)
-    return StreamAdapter(stream)
+    return StreamAdapter(stream, lambda b: (b.latents.float(), b.labels))
 
 
 class StreamAdapter:
-    """Gives a real_latents stream the trainer's `batch(indices) -> (x, labels)` interface; the stream owns the
-    data position (checkpointed through state_dict)."""
+    """Gives a stream the trainer's `batch(indices) -> tuple of [B, ...] tensors` interface (`fields` picks them from
+    the typed batch); the stream owns the data position (checkpointed through state_dict)."""
 
-    def __init__(self, stream):
-        self.stream = stream
+    def __init__(self, stream, fields):
+        self.stream, self.fields = stream, fields
 
     def batch(self, indices):
         b = self.stream.next_batch()
         if len(b.ids) != len(indices):
             raise ValueError(f"stream batch of {len(b.ids)} samples, the step needs {len(indices)}")
-        return b.latents.float(), b.labels
+        return self.fields(b)
 
     def state_dict(self):
         return self.stream.state_dict()
@@ -172,13 +257,32 @@ class StreamAdapter:
         self.stream.load_state_dict(state)
 
 
-def run_distill_stage(recipe, run_dir: str, dist_info, log) -> None:
-    stage_dir = os.path.join(run_dir, "distill")
+def run_collect_stage(recipe, run_dir: str, dist_info, log) -> None:
+    """Teacher ODE pairs into <run_dir>/ode_pairs (or collect.out); a rerun writes only the missing parts."""
+    from data.collect import collect_pairs
+    out = pairs_path(recipe, run_dir)
+    if os.path.isfile(os.path.join(out, "index.json")):
+        log(f"[collect] done already: {out}")
+        return
+    message = collect_pairs(recipe, dist_info)
+    log(f"[collect] wrote {message}")
+
+
+def run_distill_stage(recipe, run_dir: str, dist_info, log, stage: str = "distill") -> None:
+    """A training stage (`pretrain` or `distill`): resumes from its last checkpoint; writes the raw generator and
+    its EMA (the student)."""
+    stage_dir = os.path.join(run_dir, stage)
     out_path = os.path.join(stage_dir, STUDENT_FILE)
     if os.path.isfile(out_path):
-        log(f"[distill] done already: {out_path}")
+        log(f"[{stage}] done already: {out_path}")
         return
-    trainer = build_distill_trainer(recipe, run_dir, dist_info)
+    method = getattr(recipe, stage).method
+    if stage == "pretrain" and getattr(method, "pixel_weight", 0) > 0:
+        ensure_pixel_backbone(recipe, run_dir, dist_info, log)
+    init = generator_init_path(recipe, run_dir, stage)
+    if init and not os.path.isfile(init):
+        raise FileNotFoundError(f"[{stage}] the generator's starting point {init} does not exist")
+    trainer = build_stage_trainer(recipe, run_dir, dist_info, stage)
     if dist_info.is_main:
         # frozen roles are recorded by path and hash, not copied into checkpoints
         t_path = teacher_path(recipe, run_dir)
@@ -192,18 +296,32 @@ def run_distill_stage(recipe, run_dir: str, dist_info, log) -> None:
         save_atomic(generator, os.path.join(stage_dir, GENERATOR_FILE))
         save_atomic(ema, out_path)
     barrier()
-    log(f"[distill] wrote {out_path}")
+    log(f"[{stage}] wrote {out_path}")
 
 
 # ------------------------------------------------------------------------------------------------ sampling
+def final_stage(recipe) -> str | None:
+    """The last training stage of the recipe: its student is the run's student."""
+    return "distill" if "distill" in recipe.stages else "pretrain" if "pretrain" in recipe.stages else None
+
+
+def method_label(recipe) -> str:
+    """What produced the student: e.g. `adm`, `adp`, `adp+adm` (DMDX)."""
+    names = [getattr(recipe, st).method.name for st in ("pretrain", "distill") if st in recipe.stages]
+    if "distill" in recipe.stages and recipe.distill.init_generator:
+        names.insert(0, "init")
+    return "+".join(names)
+
+
 def load_student(run_dir: str, recipe=None):
-    """(recipe, family, denoiser, generator) of a finished distill stage, EMA weights, on the CPU."""
+    """(recipe, family, generator denoiser, generator) of a finished run's last training stage, EMA weights, on
+    the CPU."""
     from trainer.config import load_recipe
     recipe = recipe or load_recipe(os.path.join(run_dir, "config.yaml"))
     family = build_family(recipe)
     generator = family.build_denoiser()
-    generator.load_state_dict(load_file(os.path.join(run_dir, "distill", STUDENT_FILE)))
-    return recipe, family, build_denoiser(recipe), generator.eval().requires_grad_(False)
+    generator.load_state_dict(load_file(stage_student_path(run_dir, final_stage(recipe) or "distill")))
+    return recipe, family, build_generator_denoiser(recipe), generator.eval().requires_grad_(False)
 
 
 def draw_student_samples(recipe, family, denoiser, generator, labels: torch.Tensor, seed: int,
@@ -224,12 +342,20 @@ def draw_student_samples(recipe, family, denoiser, generator, labels: torch.Tens
     return torch.cat(out)
 
 
-def draw_teacher_samples(recipe, run_dir, family, denoiser, labels: torch.Tensor, seed: int, guidance_scale: float):
+def load_teacher(recipe, run_dir: str, family):
+    """The frozen teacher, whole, on the CPU (sampling, collection): the toy's file or a diffusers folder / hub id."""
+    from parallel.loading import load_full_state
+    teacher = family.build_denoiser()
+    with family.teacher_source(teacher_path(recipe, run_dir)) as source:
+        load_full_state(teacher, source)
+    return teacher.eval().requires_grad_(False)
+
+
+def draw_teacher_samples(recipe, run_dir, family, labels: torch.Tensor, seed: int, guidance_scale: float):
     from trainer.evaluation import eval_noise
     from trainer.sampling import teacher_sample
-    teacher = family.build_denoiser()
-    teacher.load_state_dict(load_file(teacher_path(recipe, run_dir)))
-    teacher.eval().requires_grad_(False)
+    denoiser = build_denoiser(recipe)
+    teacher = load_teacher(recipe, run_dir, family)
     noise = eval_noise(len(labels), seed, family.data_shape, "teacher_noise")
     return teacher_sample(denoiser, teacher, noise, family.condition(labels),
                           family.null_condition(len(labels), "cpu"), guidance_scale, recipe.teacher.sampler_steps)
@@ -258,12 +384,12 @@ def run_evaluate_stage(recipe, run_dir: str, dist_info, log) -> dict | None:
     student = draw_student_samples(recipe, family, denoiser, generator, labels, ev.sample_seed)
     student_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    teacher = draw_teacher_samples(recipe, run_dir, family, denoiser, labels, ev.sample_seed, w)
+    teacher = draw_teacher_samples(recipe, run_dir, family, labels, ev.sample_seed, w)
     teacher_seconds = time.perf_counter() - t0
     # the real data's own figures (held-out vs a same-size draw of training data) calibrate the scale
     real_idx = torch.arange(min(len(dataset.train_x), ev.num_samples))
     metrics = {
-        "dataset": dataset.name, "method": recipe.distill.method.name, "guidance_scale": w,
+        "dataset": dataset.name, "method": method_label(recipe), "guidance_scale": w,
         "student_steps": recipe.distill.generator.num_steps, "teacher_sampler_steps": recipe.teacher.sampler_steps,
         "num_samples": ev.num_samples, "heldout_samples": len(dataset.heldout_x),
         "student": metrics_for(student, labels, dataset, classifier),
@@ -276,7 +402,7 @@ def run_evaluate_stage(recipe, run_dir: str, dist_info, log) -> dict | None:
     write_metrics(metrics_path, metrics)
     grid_labels = eval_labels(ev.grid_samples if dataset.num_classes else 2000, dataset)
     grid_student = draw_student_samples(recipe, family, denoiser, generator, grid_labels, ev.sample_seed)
-    grid_teacher = draw_teacher_samples(recipe, run_dir, family, denoiser, grid_labels, ev.sample_seed, w)
+    grid_teacher = draw_teacher_samples(recipe, run_dir, family, grid_labels, ev.sample_seed, w)
     png_student = os.path.join(stage_dir, "student_samples.png")
     png_teacher = os.path.join(stage_dir, "teacher_samples.png")
     img = sample_grid_png(grid_student, dataset, png_student)

@@ -54,10 +54,12 @@ class LoopConfig:
 class DistillTrainer:
     def __init__(self, *, stage_dir: str, stage_name: str, method: Method, nets: Nets, backend, denoiser, family,
                  loop: LoopConfig, dist_info, student_timesteps: list[float],
-                 conditioning_timestep: Optional[float] = None, real_stream=None, guards_cfg=None):
+                 conditioning_timestep: Optional[float] = None, real_stream=None, guards_cfg=None,
+                 generator_denoiser=None):
         self.stage_dir, self.stage_name = stage_dir, stage_name
         self.method, self.nets, self.backend = method, nets, backend
         self.denoiser, self.family, self.loop, self.dist = denoiser, family, loop, dist_info
+        self.generator_denoiser = generator_denoiser or denoiser   # the student's parameterisation (§10.7)
         self.student_timesteps, self.conditioning_timestep = student_timesteps, conditioning_timestep
         self.real_stream = real_stream
         if guards_cfg is None:
@@ -113,11 +115,18 @@ class DistillTrainer:
                           data_shape=self.family.data_shape, cond=self.family.condition(labels),
                           uncond=self.family.null_condition(len(indices), info.device),
                           student_timesteps=self.student_timesteps, conditioning_timestep=self.conditioning_timestep,
-                          generator_trains=self.method.generator_trains_at(step))
+                          generator_trains=self.method.generator_trains_at(step),
+                          generator_denoiser=self.generator_denoiser)
         if self.method.needs_real_data:
             real_x, real_y = real if real is not None else self.real_stream.batch(indices)
             ctx.real_x = real_x.to(info.device, torch.float32)
             ctx.real_cond = self.family.condition(real_y.to(info.device))
+        if self.method.needs_pairs:
+            # the pairs' prompts replace the generated ones: the student must see each noise with ITS prompt
+            noise, output, pair_labels = real if real is not None else self.real_stream.batch(indices)
+            ctx.pair_noise = noise.to(info.device, torch.float32)
+            ctx.pair_output = output.to(info.device, torch.float32)
+            ctx.cond = self.family.condition(pair_labels.to(info.device))
         return ctx
 
     def micro_contexts(self, step: int) -> list[StepContext]:
@@ -132,9 +141,10 @@ class DistillTrainer:
         if size == len(indices):
             return [self.make_context(step, indices)]
         count = len(indices) // size
-        real = self.real_stream.batch(indices) if self.method.needs_real_data else None
+        needs_data = self.method.needs_real_data or self.method.needs_pairs
+        data = self.real_stream.batch(indices) if needs_data else None
         return [self.make_context(step, indices[m::count],
-                                  None if real is None else (real[0][m::count], real[1][m::count]))
+                                  None if data is None else tuple(field[m::count] for field in data))
                 for m in range(count)]
 
     def phase_backward(self, phase, contexts: list[StepContext], poison: bool = False) -> LossOut:
@@ -209,7 +219,7 @@ class DistillTrainer:
         rand = StepRandom(self.GRID_SEED, 0, range(n), device)
         cond = self.family.condition(self.family.prompt_labels(range(n), self.GRID_SEED).to(device))
         with self.backend.compute_context():
-            samples = student_sample(self.denoiser, self.nets.generator, cond, self.student_timesteps,
+            samples = student_sample(self.generator_denoiser, self.nets.generator, cond, self.student_timesteps,
                                      lambda i: rand.normal(f"grid_noise_{i}", self.family.data_shape),
                                      self.conditioning_timestep)
         if self.dist.is_main:

@@ -1,8 +1,9 @@
 """Worker for tests/distributed/test_backend_equality.py: one launch runs DMD, DMD2 and ADM on the toy and on the tiny
-SDXL twin under one backend and writes, per case, the step-0 gradients of every updated role (before clipping), the
-losses of steps 0-4 and this rank's parameter bytes per role.
+SDXL twin, and ADP (pretrain stage, on ODE pairs, with the pixel backbone as a sharded frozen role) on the toy, under
+one backend and writes, per case, the step-0 gradients of every updated role (before clipping), the losses of steps
+0-4 and this rank's parameter bytes per role.
 
-Usage (torchrun or alone): equality_worker.py BACKEND OUT_DIR TOY_TEACHER SDXL_TEACHER_DIR REAL_LATENTS_STREAM
+Usage (torchrun or alone): equality_worker.py BACKEND OUT_DIR TOY_TEACHER SDXL_TEACHER_DIR REAL_LATENTS_STREAM PAIRS
 """
 import json
 import os
@@ -16,9 +17,9 @@ import torch  # noqa: E402
 
 from parallel.distributed import init_distributed  # noqa: E402
 from trainer.config import load_recipe  # noqa: E402
-from trainer.stages import build_distill_trainer  # noqa: E402
+from trainer.stages import build_stage_trainer, ensure_pixel_backbone  # noqa: E402
 
-backend, out_dir, toy_teacher, sdxl_teacher, real_stream = sys.argv[1:6]
+backend, out_dir, toy_teacher, sdxl_teacher, real_stream, pairs = sys.argv[1:7]
 info = init_distributed(need_group=backend != "data_parallel")
 STEPS = 5
 FAMILIES = {
@@ -28,31 +29,39 @@ FAMILIES = {
                                               "distill.train.batch_size=4", "distill.train.micro_batch_size=2"]),
 }
 
-for family, (recipe_path, family_overrides) in FAMILIES.items():
-    for method in ("dmd", "dmd2", "adm"):
-        case = f"{family}_{method}"
-        run_dir = os.path.join(out_dir, f"run_{case}_{backend}_{info.world_size}")
-        recipe = load_recipe(os.path.join(ROOT, recipe_path), [
-            f"run.dir={run_dir}", "stages=[distill]", f"parallel.backend={backend}",
-            "parallel.zero3_persistence_threshold=0", f"distill.method.name={method}", "distill.method.ttur=1",
-            f"distill.train.steps={STEPS}", f"data.real_local={run_dir}/real_cache", *family_overrides])
-        t = build_distill_trainer(recipe, run_dir, info)
-        grads, losses = {}, {}
-        for step in range(STEPS):
-            sums = defaultdict(list)
-            contexts = t.micro_contexts(step)
-            for phase in t.method.phases(step):
-                out = t.phase_backward(phase, contexts)
-                if step == 0:
-                    for role in phase.updates:
-                        grads[f"{phase.name}/{role}"] = t.backend.full_grads(role)   # collective
-                t.backend.clip_and_step(phase.updates)
-                if "generator" in phase.updates:
-                    t.backend.ema_update()
-                sums[f"loss/{phase.name}"].append(out.loss.detach())
-            losses[step] = t.reduce_metrics(sums)
-        local_bytes = {role: t.backend.local_param_bytes(role) for role in t.nets.present()}
-        if info.is_main:
-            torch.save(grads, os.path.join(out_dir, f"{case}_{backend}_{info.world_size}_grads.pt"))
-            json.dump({"losses": losses, "local_param_bytes": local_bytes},
-                      open(os.path.join(out_dir, f"{case}_{backend}_{info.world_size}.json"), "w"))
+CASES = [(family, method) for family in FAMILIES for method in ("dmd", "dmd2", "adm")] + [("toy", "adp")]
+PRETRAIN = [f"data.pairs_remote={pairs}", "stages=[pretrain]", "pretrain.train.batch_size=8",
+            "pretrain.train.micro_batch_size=4", f"pretrain.train.steps={STEPS}"]
+
+for family, method in CASES:
+    recipe_path, family_overrides = FAMILIES[family]
+    case = f"{family}_{method}"
+    stage = "pretrain" if method == "adp" else "distill"
+    run_dir = os.path.join(out_dir, f"run_{case}_{backend}_{info.world_size}")
+    common = [f"run.dir={run_dir}", f"parallel.backend={backend}", "parallel.zero3_persistence_threshold=0"]
+    stage_overrides = PRETRAIN if stage == "pretrain" else [
+        "stages=[distill]", f"distill.method.name={method}", "distill.method.ttur=1", f"distill.train.steps={STEPS}",
+        f"data.real_local={run_dir}/real_cache"]
+    recipe = load_recipe(os.path.join(ROOT, recipe_path), [*common, *family_overrides, *stage_overrides])
+    if stage == "pretrain":
+        ensure_pixel_backbone(recipe, run_dir, info, lambda message: None)
+    t = build_stage_trainer(recipe, run_dir, info, stage)
+    grads, losses = {}, {}
+    for step in range(STEPS):
+        sums = defaultdict(list)
+        contexts = t.micro_contexts(step)
+        for phase in t.method.phases(step):
+            out = t.phase_backward(phase, contexts)
+            if step == 0:
+                for role in phase.updates:
+                    grads[f"{phase.name}/{role}"] = t.backend.full_grads(role)   # collective
+            t.backend.clip_and_step(phase.updates)
+            if "generator" in phase.updates:
+                t.backend.ema_update()
+            sums[f"loss/{phase.name}"].append(out.loss.detach())
+        losses[step] = t.reduce_metrics(sums)
+    local_bytes = {role: t.backend.local_param_bytes(role) for role in t.nets.present()}
+    if info.is_main:
+        torch.save(grads, os.path.join(out_dir, f"{case}_{backend}_{info.world_size}_grads.pt"))
+        json.dump({"losses": losses, "local_param_bytes": local_bytes},
+                  open(os.path.join(out_dir, f"{case}_{backend}_{info.world_size}.json"), "w"))

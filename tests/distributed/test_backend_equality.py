@@ -1,8 +1,9 @@
 """FSDP2 and ZeRO-3 on 2 real processes (gloo) against one plain process, for DMD, DMD2 and ADM on the toy and on
-the tiny SDXL twin (the real diffusers UNet2DConditionModel class): step-0 gradients of every updated role within
-rtol 1e-5, losses of steps 0-4 within rtol 1e-4, and each rank holding half of every role's parameter bytes.
+the tiny SDXL twin (the real diffusers UNet2DConditionModel class), and ADP on the toy (ODE pairs from a stream, the
+frozen pixel backbone sharded like the teacher): step-0 gradients of every updated role within rtol 1e-5, losses of
+steps 0-4 within rtol 1e-4, and each rank holding half of every role's parameter bytes.
 
-One launch per backend runs all six cases (each launch costs ~15 s of start-up)."""
+One launch per backend runs all seven cases (each launch costs ~15 s of start-up)."""
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from tests.distributed.test_data_parallel import ENV, free_port
 from tests.helpers import ROOT, random_teacher, tiny_recipe
 
 WORKER = os.path.join(ROOT, "tests", "distributed", "equality_worker.py")
-CASES = [f"{family}_{method}" for family in ("toy", "sdxl") for method in ("dmd", "dmd2", "adm")]
+CASES = [f"{family}_{method}" for family in ("toy", "sdxl") for method in ("dmd", "dmd2", "adm")] + ["toy_adp"]
 
 
 def save_tiny_sdxl_teacher(folder: str, seed: int = 0) -> str:
@@ -57,10 +58,22 @@ def inputs(tmp_path_factory):
     toy = random_teacher(tmp, tiny_recipe(tmp, "family.hidden=32"))
     sdxl = save_tiny_sdxl_teacher(str(tmp / "sdxl_pipe"))
     real = write_real_latents(str(tmp / "real_latents"))
+    pairs = collect_toy_pairs(tmp, toy)
     out = tmp / "out"
     out.mkdir()
-    launch(1, "data_parallel", str(out), toy, sdxl, real)
-    return out, (toy, sdxl, real)
+    launch(1, "data_parallel", str(out), toy, sdxl, real, pairs)
+    return out, (toy, sdxl, real, pairs)
+
+
+def collect_toy_pairs(tmp, teacher: str) -> str:
+    """32 ODE pairs of the random toy teacher (the ADP case's data)."""
+    from data.collect import collect_pairs
+    from tests.helpers import SINGLE
+    out = str(tmp / "pairs")
+    recipe = tiny_recipe(tmp, "family.hidden=32", f"teacher.pretrained={teacher}", "collect.num_pairs=64",
+                         "collect.micro_batch=16", "collect.sampler_steps=4", f"collect.out={out}")
+    collect_pairs(recipe, SINGLE, progress=False)
+    return out
 
 
 # Every case runs with the same micro-batches (global batch / 2 per backward): one process accumulating two

@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 from tests.helpers import ROOT, SMOKE
 
 ENV = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-KILL_STEPS = "distill.train.steps=60"   # long enough to kill mid-run; every run of this module uses it
+# long enough to kill each stage mid-run; every run of this module uses them
+KILL_STEPS = ["distill.train.steps=60", "pretrain.train.steps=40", "collect.micro_batch=16"]
 
 
 def command(run_dir, *extra):
-    return [sys.executable, "-m", "trainer.main", SMOKE, f"run.dir={run_dir}", KILL_STEPS, *extra]
+    return [sys.executable, "-m", "trainer.main", SMOKE, f"run.dir={run_dir}", *KILL_STEPS, *extra]
 
 
 def run(run_dir, env=ENV, timeout=240):
@@ -36,8 +37,8 @@ def reference(tmp_path_factory):
 
 
 def final_weights(run_dir):
-    return {name: load_file(os.path.join(run_dir, "distill", name))
-            for name in ("student.safetensors", "generator.safetensors")}
+    return {f"{stage}/{name}": load_file(os.path.join(run_dir, stage, name))
+            for stage in ("pretrain", "distill") for name in ("student.safetensors", "generator.safetensors")}
 
 
 def assert_same_weights(a, b):
@@ -50,7 +51,9 @@ def assert_same_weights(a, b):
 
 def test_smoke_outputs(reference):
     run_dir, result = reference
-    for path in ("config.yaml", "teacher/teacher.safetensors", "distill/student.safetensors",
+    for path in ("config.yaml", "teacher/teacher.safetensors", "teacher/pixel_backbone.safetensors",
+                 "ode_pairs/index.json", "pretrain/student.safetensors", "pretrain/teacher_ref.json",
+                 "distill/student.safetensors",
                  "distill/teacher_ref.json", "evaluate/metrics.json", "evaluate/student_samples.png"):
         assert (run_dir / path).is_file(), path
     metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
@@ -81,7 +84,7 @@ def test_rerun_of_finished_run_skips_every_stage(reference):
     run_dir, _ = reference
     before = (run_dir / "distill" / "student.safetensors").stat().st_mtime_ns
     result = run(run_dir)
-    assert result.stdout.count("done already") == 3
+    assert result.stdout.count("done already") == 5     # teacher, collect, pretrain, distill, evaluate
     assert (run_dir / "distill" / "student.safetensors").stat().st_mtime_ns == before
 
 
@@ -141,4 +144,34 @@ def test_sigkill_during_checkpoint_write_resumes_from_last_complete(reference, t
     result = run(run_dir)
     assert "[distill:adm] resumed at step 10" in result.stdout
     assert not partial.exists()        # the interrupted write was cleaned up
+    assert_same_weights(ref_dir, run_dir)
+
+
+def test_sigkill_in_collect_and_pretrain_resumes_that_stage(reference, tmp_path):
+    """DMDX stage chaining: a kill in the collect stage, then (on the rerun) a kill in the pretrain stage; each rerun
+    resumes the stage it interrupted, keeps the finished ones, and the end result equals an uninterrupted run."""
+    ref_dir, _ = reference
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(command(run_dir), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pairs = run_dir / "ode_pairs"
+    wait_for(lambda: (pairs / "part_000001" / "index.json").is_file(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (pairs / "index.json").exists()          # killed before the merge: the stage is unfinished
+
+    proc = subprocess.Popen(command(run_dir), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    latest = run_dir / "pretrain" / "checkpoints" / "latest"
+    wait_for(lambda: latest.is_file() and latest.read_text() >= "step_0000010", proc)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate()
+    resumed = re.search(r"\[collect\] resuming: (\d+) of 16 micro-batches already written", out)
+    assert resumed and 2 <= int(resumed.group(1)) < 16, out[-2000:]
+    assert "[teacher] done already" in out
+    assert not (run_dir / "pretrain" / "student.safetensors").exists()
+
+    result = run(run_dir)
+    assert "[collect] done already" in result.stdout
+    resumed_at = re.search(r"\[pretrain:adp\] resumed at step (\d+)", result.stdout)
+    assert resumed_at and 10 <= int(resumed_at.group(1)) < 40, result.stdout[-2000:]
     assert_same_weights(ref_dir, run_dir)

@@ -49,6 +49,16 @@ CASES = {
                                "guidance_scale: 3.0}\n", [], "distill.method.guidance_scale", "unconditional"),
     "unknown method": ("run: {dir: x}\ndistill:\n  method: {name: gan}\n", [], "distill.method", "dmd"),
     "missing required": ("family: {dataset: digits}\n", [], "run", "missing"),
+    "adp needs a velocity student": ("run: {dir: x}\nschedule: {prediction: eps}\n"
+                                     "stages: [teacher, collect, pretrain, distill]\n", [],
+                                     "distill.generator.prediction", "flow"),
+    "pretrain without pairs": ("run: {dir: x}\nstages: [teacher, pretrain, distill]\n", [], "stages", "ODE pairs"),
+    "adp weights": ("run: {dir: x}\npretrain:\n  method: {name: adp, pixel_weight: 0.5}\n", [],
+                    "pretrain.method.pixel_weight", "must be 1"),
+    "pretrain with conditioning timestep": ("run: {dir: x}\nstages: [teacher, collect, pretrain]\ndistill:\n"
+                                            "  generator: {conditioning_timestep: 400}\n", [],
+                                            "distill.generator.conditioning_timestep", "true timesteps"),
+    "stage order": ("run: {dir: x}\nstages: [teacher, pretrain, collect]\n", [], "stages", "order"),
 }
 
 

@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 from data.toy import class_labels_for
 from parallel.loading import StateSource, resolve_model_dir
 from trainer.families.configs import load_config
-from trainer.heads import FeatureHeads
+from trainer.heads import FeatureHeads, HybridHeads
 
 VAE_SCALE = 8   # SDXL's VAE downsamples 8x
 
@@ -117,6 +117,53 @@ class SDXLFamily:
     def build_heads(self) -> FeatureHeads:
         return FeatureHeads(self.tap_shapes(), hidden=self.cfg.head_hidden)
 
+    # --- ADP's pixel discriminator: VAE decode -> SAM / DINOv2 (trainer/pixel_backbones.py) --------------------
+    def vae_config(self) -> dict:
+        from diffusers import AutoencoderKL
+        if self.pretrained:
+            config = dict(AutoencoderKL.load_config(resolve_model_dir(self.pretrained, "vae")))
+        else:
+            config = load_config("sdxl_vae_tiny" if self.cfg.model == "sdxl_tiny" else "sdxl_vae")
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+    def vision_config(self) -> dict:
+        from trainer.pixel_backbones import MODELS, vision_config
+        full, tiny = MODELS[self.cfg.pixel_backbone]
+        return vision_config(self.cfg.pixel_backbone, tiny if self.cfg.model == "sdxl_tiny" else full,
+                             self.cfg.pixel_backbone_pretrained)
+
+    def build_pixel_backbone(self):
+        from diffusers import AutoencoderKL
+        from trainer.pixel_backbones import PixelBackbone, build_vision
+        return PixelBackbone(self.cfg.pixel_backbone, build_vision(self.cfg.pixel_backbone, self.vision_config()),
+                             AutoencoderKL.from_config(self.vae_config()), self.cfg.pixel_image_size)
+
+    def build_pixel_heads(self) -> FeatureHeads:
+        from trainer.pixel_backbones import PixelBackbone, build_vision
+        with torch.device("meta"):
+            shapes = PixelBackbone(self.cfg.pixel_backbone, build_vision(self.cfg.pixel_backbone,
+                                                                         self.vision_config()),
+                                   None, self.cfg.pixel_image_size).feature_shapes()
+        return FeatureHeads(shapes, hidden=self.cfg.head_hidden)
+
+    def pixel_backbone_source(self, path: str | None = None):
+        """The backbone's weights: the VAE from the teacher pipeline's vae/, the vision encoder from
+        family.pixel_backbone_pretrained (a SAM checkpoint's `vision_encoder.` keys, or a DINOv2 model). Without
+        them (the tiny twin) both are random with a fixed seed, written once under the run's teacher/ folder."""
+        from parallel.loading import PrefixedSource, TensorsSource
+        from trainer.pixel_backbones import pretrained_vision_state
+        if self.pretrained is None or self.cfg.pixel_backbone_pretrained is None:
+            return StateSource(path)
+        vision = TensorsSource(pretrained_vision_state(self.cfg.pixel_backbone, self.cfg.pixel_backbone_pretrained))
+        return PrefixedSource({"vae.": (StateSource(self.pretrained, subfolder="vae"), ""), "vision.": (vision, "")})
+
+    def train_pixel_backbone(self) -> dict[str, torch.Tensor]:
+        """Random weights for a tiny twin's backbone (fixed seed): nothing to train, nothing downloaded."""
+        if self.pretrained is not None and self.cfg.pixel_backbone_pretrained is not None:
+            return None
+        torch.manual_seed(0)
+        return self.build_pixel_backbone().state_dict()
+
     @staticmethod
     def shard_units(module) -> list:
         """FSDP units before the root: each down block, the mid block, each up block; one unit per head."""
@@ -124,6 +171,8 @@ class SDXLFamily:
             return [*module.down_blocks, module.mid_block, *module.up_blocks]
         if isinstance(module, FeatureHeads):
             return list(module.heads)
+        if isinstance(module, HybridHeads):   # ADP: latent and pixel heads, one unit each
+            return [*module.latent.heads, *(module.pixel.heads if module.pixel is not None else [])]
         return []
 
     def example_inputs(self, batch: int, device) -> dict:

@@ -12,7 +12,7 @@ from torch import nn
 
 from data.toy import ToyDataset, class_labels_for, load_toy
 from parallel.loading import StateSource
-from trainer.heads import FeatureHeads
+from trainer.heads import FeatureHeads, HybridHeads
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -67,6 +67,22 @@ class ToyDenoiserNet(nn.Module):
         return self.output(self.out_norm(h))
 
 
+class ToyPixelBackbone(nn.Module):
+    """ADP's pixel-discriminator backbone on the toy (ALGORITHMS.md §6.3 with SAM's role): the toys live in pixel
+    space already, so decoding is the identity and the backbone is a small classifier trained on the
+    `classifier_b` split, disjoint from the evaluation classifier's (trainer/evaluation.py). Same parameter names
+    as `ToyClassifier`, so its trained state dict loads as is. x [B, D] -> per hidden layer [B, hidden]."""
+
+    def __init__(self, data_dim: int, num_classes: int, hidden: int = 128):
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(data_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.logits = nn.Linear(hidden, num_classes)   # kept for the state dict; the heads replace it
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h1 = self.features[1](self.features[0](x))
+        return [h1, self.features[3](self.features[2](h1))]
+
+
 class ToyFamily:
     """Builds the toy roles and conditions for one dataset."""
 
@@ -87,6 +103,23 @@ class ToyFamily:
     def build_heads(self) -> FeatureHeads:
         return FeatureHeads([(self.cfg.hidden,)] * len(self.cfg.taps), hidden=self.cfg.hidden)
 
+    # --- ADP's pixel discriminator -------------------------------------------------------------------------------
+    PIXEL_HIDDEN = 128
+
+    def build_pixel_backbone(self) -> ToyPixelBackbone:
+        return ToyPixelBackbone(self.dataset.data_dim, self.dataset.num_label_classes, self.PIXEL_HIDDEN)
+
+    def build_pixel_heads(self) -> FeatureHeads:
+        return FeatureHeads([(self.PIXEL_HIDDEN,)] * 2, hidden=self.cfg.hidden)
+
+    def train_pixel_backbone(self) -> dict[str, torch.Tensor]:
+        """The backbone's weights: the classifier trained on `classifier_b` (deterministic, about a second)."""
+        from trainer.evaluation import train_classifier
+        return train_classifier(self.dataset, split="classifier_b").state_dict()
+
+    def pixel_backbone_source(self, path: str) -> StateSource:
+        return StateSource(path)
+
     # --- parallel plan -----------------------------------------------------------------------------------------
     @staticmethod
     def shard_units(module) -> list:
@@ -95,6 +128,8 @@ class ToyFamily:
             return list(module.blocks)
         if isinstance(module, FeatureHeads):
             return list(module.heads)
+        if isinstance(module, HybridHeads):   # ADP: latent and pixel heads, one unit each
+            return [*module.latent.heads, *(module.pixel.heads if module.pixel is not None else [])]
         return []
 
     def example_inputs(self, batch: int, device) -> dict:

@@ -19,11 +19,12 @@ from trainer.sampling import student_input, student_predict
 
 @dataclass
 class Nets:
-    """The roles. teacher: frozen; fake_score and heads: critics; generator: the student."""
+    """The roles. teacher, pixel_backbone: frozen; fake_score and heads: critics; generator: the student."""
     generator: nn.Module
     teacher: Optional[nn.Module] = None
     fake_score: Optional[nn.Module] = None
     heads: Optional[nn.Module] = None
+    pixel_backbone: Optional[nn.Module] = None   # ADP's pixel discriminator backbone (SAM / DINOv2 / toy classifier)
 
     def role(self, name: str) -> nn.Module:
         return getattr(self, name)
@@ -60,10 +61,17 @@ class StepContext:
     uncond: Cond                    # null conditions for CFG
     real_x: Optional[torch.Tensor] = None   # real data (teacher pretraining, DMD2's real branch)
     real_cond: Optional[Cond] = None
+    pair_noise: Optional[torch.Tensor] = None    # ODE pairs (pretrain stage): x_T [B, ...], unit variance as drawn
+    pair_output: Optional[torch.Tensor] = None   # the teacher's ODE solution x_0 from that noise [B, ...]
+    generator_denoiser: Optional[Denoiser] = None   # the student's own parameterisation (§10.7); None: the teacher's
     student_timesteps: list[float] = field(default_factory=list)
     conditioning_timestep: Optional[float] = None
     generator_trains: bool = False  # the generator's sample keeps its graph only when the generator updates
     _generator_x0: Optional[torch.Tensor] = None
+
+    @property
+    def student_denoiser(self) -> Denoiser:
+        return self.generator_denoiser or self.denoiser
 
     def times(self, value) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
@@ -79,10 +87,10 @@ class StepContext:
             num_steps = len(self.student_timesteps)
             k = self.rand.shared_randint("backward_simulation_k", num_steps) if num_steps > 1 else 0
             noise_fn = lambda i: self.rand.normal(f"student_noise_{i}", self.data_shape)  # noqa: E731
-            x = student_input(self.denoiser, self.nets.generator, self.cond, self.student_timesteps, noise_fn, k,
+            x = student_input(self.student_denoiser, self.nets.generator, self.cond, self.student_timesteps, noise_fn, k,
                               self.conditioning_timestep)
             with torch.set_grad_enabled(self.generator_trains):
-                self._generator_x0 = student_predict(self.denoiser, self.nets.generator, x,
+                self._generator_x0 = student_predict(self.student_denoiser, self.nets.generator, x,
                                                      self.student_timesteps[k], self.cond,
                                                      self.conditioning_timestep)
         return self._generator_x0
@@ -92,9 +100,19 @@ class Method(ABC):
     """Base: subclasses define `phases(step)` and the loss functions they name."""
     trains = ("generator",)          # roles this method builds optimizers for
     needs_real_data = False
+    needs_pairs = False              # teacher ODE pairs (the pretrain stage's methods)
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+    @property
+    def frozen_roles(self) -> tuple[str, ...]:
+        """Frozen roles the losses call (built from pretrained weights, never updated)."""
+        return ("teacher",)
+
+    def build_heads(self, family) -> nn.Module:
+        """The `heads` role (methods with a discriminator)."""
+        return family.build_heads()
 
     @abstractmethod
     def phases(self, step: int) -> list[Phase]:

@@ -70,10 +70,17 @@ def verify_local_stream(root: str, kind: str, check_hashes: bool = True) -> int:
     return total
 
 
-def _keep_samples(samples: list[dict]) -> dict:
-    # StreamingDataLoader counts a batch's samples with len(first value) of a mapping; the typed batch is built in
-    # next_batch. Kept at module level so DataLoader workers can pickle it.
-    return {"samples": samples}
+class CollateTyped:
+    """collate_fn: the typed batch of a stream kind, built where the samples were decoded (in a loader worker when
+    `workers` > 0, so decoding and stacking run beside the training step). StreamingDataLoader counts a batch's
+    samples with len(first value) of a mapping, hence {"ids": ..., "batch": ...}. Picklable for the workers."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = collate(self.kind, samples)
+        return {"ids": batch.ids, "batch": batch}
 
 
 class TrainingStream:
@@ -81,7 +88,7 @@ class TrainingStream:
 
     def __init__(self, kind: str, remote: str, local: Optional[str], batch_size: int, seed: int,
                  num_canonical_nodes: int = 1, replication: Optional[int] = None, shuffle: bool = True,
-                 check_hashes: bool = True):
+                 check_hashes: bool = True, workers: int = 0):
         streaming = import_streaming()
         self.kind = kind
         local_stream = _is_local(remote)
@@ -97,27 +104,30 @@ class TrainingStream:
             remote=remote, local=local, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
             num_canonical_nodes=num_canonical_nodes, replication=replication,
             validate_hash=None if local_stream else HASH)
-        self.loader = streaming.StreamingDataLoader(self.dataset, batch_size=batch_size, num_workers=0,
-                                                    collate_fn=_keep_samples, drop_last=True)
+        # workers > 0: persistent decode processes (DataLoader's own), prefetching while the step runs; the loader's
+        # state_dict counts yielded samples in this process, so resumption is unchanged
+        extra = {"persistent_workers": True, "prefetch_factor": 4} if workers else {}
+        self.loader = streaming.StreamingDataLoader(self.dataset, batch_size=batch_size, num_workers=workers,
+                                                    collate_fn=CollateTyped(kind), drop_last=True, **extra)
         self._iterator = None
 
     def next_batch(self):
         if self._iterator is None:
             self._iterator = iter(self.loader)
         try:
-            return collate(self.kind, next(self._iterator)["samples"])
+            return next(self._iterator)["batch"]
         except StopIteration:
             self._iterator = iter(self.loader)      # next epoch (streaming reshuffles from (seed, epoch))
             batch = next(self._iterator, None)
             if batch is None:
                 raise StreamError(f"{self.kind} stream yielded no batch in a whole epoch (fewer samples than one "
                                   f"batch per rank?)") from None
-            return collate(self.kind, batch["samples"])
+            return batch["batch"]
 
     def rest_of_epoch(self):
         """Typed batches until the current epoch ends (evaluation, tests)."""
         for batch in self._iterator if self._iterator is not None else self.loader:
-            yield collate(self.kind, batch["samples"])
+            yield batch["batch"]
         self._iterator = None
 
     def batch(self, indices):

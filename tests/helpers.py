@@ -32,7 +32,7 @@ def random_teacher(tmp_path, recipe, seed=0) -> str:
 
 def distill_trainer(tmp_path, *overrides):
     """A DistillTrainer over a random teacher (teacher.pretrained), built but not run."""
-    recipe = tiny_recipe(tmp_path, *overrides)
+    recipe = tiny_recipe(tmp_path, "stages=[teacher,distill]", *overrides)
     path = random_teacher(tmp_path, recipe)
     recipe = tiny_recipe(tmp_path, f"teacher.pretrained={path}", "stages=[distill]", *overrides)
     return build_distill_trainer(recipe, recipe.run.dir, SINGLE)

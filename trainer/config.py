@@ -219,6 +219,8 @@ class DataConfig(Section):
                                         "collect stage's output, collect.out)")
     pairs_local: Optional[str] = Field(None, description="local cache folder for pairs_remote")
     num_canonical_nodes: int = Field(1, gt=0, description="fixed so resumption works on any number of nodes")
+    loader_workers: int = Field(0, ge=0, description="decode processes per rank for the training streams "
+                                "(persistent, prefetching beside the step); 0: decode in the training process")
     check_hashes: bool = True
 
 

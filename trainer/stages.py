@@ -222,7 +222,8 @@ def pairs_data(recipe, run_dir: str, dist_info, global_batch: int):
     d = recipe.data
     stream = TrainingStream("ode_pairs", pairs_path(recipe, run_dir), d.pairs_local,
                             global_batch // dist_info.world_size, recipe.run.seed,
-                            num_canonical_nodes=d.num_canonical_nodes, check_hashes=d.check_hashes)
+                            num_canonical_nodes=d.num_canonical_nodes, check_hashes=d.check_hashes,
+                            workers=d.loader_workers)
     return StreamAdapter(stream, lambda b: (b.noise.float(), b.outputs.float(), b.labels))
 
 
@@ -233,7 +234,8 @@ def real_data(recipe, family, dist_info, global_batch: int):
         return ToyStream(family.dataset, recipe.run.seed)
     from data.streams import TrainingStream
     stream = TrainingStream("real_latents", d.real_remote, d.real_local, global_batch // dist_info.world_size,
-                            recipe.run.seed, num_canonical_nodes=d.num_canonical_nodes, check_hashes=d.check_hashes)
+                            recipe.run.seed, num_canonical_nodes=d.num_canonical_nodes, check_hashes=d.check_hashes,
+                            workers=d.loader_workers)
     return StreamAdapter(stream, lambda b: (b.latents.float(), b.labels))
 
 

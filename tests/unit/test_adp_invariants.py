@@ -165,3 +165,27 @@ def test_toy_pixel_backbone_is_not_the_evaluation_classifier(adp):
     assert all(not torch.equal(evaluation[k], backbone[k]) for k in evaluation)
     assert torch.equal(backbone["features.0.weight"], train_classifier(dataset, "classifier_b").state_dict()[
         "features.0.weight"])
+
+
+def test_multi_step_pretrain_students(tmp_path):
+    """K-step students: regression trains step k (shared by all ranks: keyed by (seed, step) only) on the pair
+    re-noised to t_k, pure noise at k = 0; ADP's straight-path student is the same network the K-step sampler calls."""
+    trainer = pretrain_trainer(tmp_path, "pretrain.method.name=regression", "distill.generator.num_steps=4")
+    timesteps = trainer.student_timesteps
+    assert len(timesteps) == 4 and timesteps[0] == 1000.0
+    seen = set()
+    for step in range(12):
+        ctx = trainer.make_context(step)
+        k = ctx.rand.shared_randint("regression_k", 4)
+        seen.add(k)
+        calls = []
+        handle = trainer.nets.generator.register_forward_pre_hook(
+            lambda module, args, kwargs: calls.append((args[0].clone(), args[1].clone())), with_kwargs=True)
+        trainer.method.generator_loss(ctx)
+        handle.remove()
+        (x_in, t_in), = calls
+        assert torch.all(t_in == timesteps[k])
+        expected = ctx.pair_noise if k == 0 else ctx.student_denoiser.add_noise(ctx.pair_output, ctx.pair_noise,
+                                                                                 ctx.times(timesteps[k]))
+        assert torch.equal(x_in, expected)
+    assert len(seen) > 1

@@ -234,6 +234,8 @@ class ParallelConfig(Section):
                                             "dead peer) fails the process group, so torchrun restarts it instead of "
                                             "the job hanging until its time limit")
     mixed_precision: Literal["fp32", "bf16"] = "fp32"
+    attention: Literal["sdpa", "xformers"] = Field("sdpa", description="attention kernels of the diffusers roles: "
+                                                   "torch SDPA, or xformers (CUDA only; trainer/attention.py)")
     reshard_after_forward: bool = True
     cpu_offload: bool = False
     gpu_memory_gib: Optional[float] = Field(

@@ -60,7 +60,7 @@ def prepare_run_dir(recipe, log) -> str:
 
 def batch_problem(recipe, world_size: int) -> str | None:
     """One line naming the first batch setting that does not split over `world_size` ranks, or None."""
-    for section in ("teacher", "distill"):
+    for section in ("teacher", "pretrain", "distill"):
         train = getattr(recipe, section).train
         if train.batch_size % world_size:
             return (f"{section}.train.batch_size: {train.batch_size} is not divisible by the world size {world_size} "
@@ -117,7 +117,9 @@ def main(argv=None) -> int:
     except ParallelDimsError as e:
         print(f"error: {args.recipe}: {e} (hint: match the parallel section to the process count)", file=sys.stderr)
         return USAGE_EXIT
-    problem = batch_problem(recipe, dist_info.world_size)
+    from trainer.attention import attention_problem
+    problem = batch_problem(recipe, dist_info.world_size) or attention_problem(
+        recipe.parallel.attention, dist_info.device.type, recipe.family.name)
     if problem:
         print(f"error: {args.recipe}: {problem}", file=sys.stderr)
         return USAGE_EXIT

@@ -142,17 +142,19 @@ def build_stage_nets(recipe, run_dir: str, backend, family, method, optimizers: 
     """Frozen roles from their files (teacher; ADP's pixel backbone); the generator from `generator_init` (the
     pretrain stage's student) or the teacher's weights; the fake score from the teacher's weights (always fresh);
     fresh heads (seeded). One optimizer per trainable role, and the generator's fp32 EMA."""
+    from trainer.attention import apply_attention
     seed = recipe.run.seed
     nets = {}
+    build_denoiser = lambda: apply_attention(family.build_denoiser(), recipe.parallel.attention)  # noqa: E731
     big_roles = tuple(r for r in ("teacher",) if r in method.frozen_roles) + tuple(
         r for r in ("generator", "fake_score") if r in method.trains and not (r == "generator" and generator_init))
     with family.teacher_source(teacher_path(recipe, run_dir)) as source:   # read slice by slice, per rank
         for role in big_roles:
-            nets[role] = backend.build_role(role, family.build_denoiser, source, trainable=role != "teacher")
+            nets[role] = backend.build_role(role, build_denoiser, source, trainable=role != "teacher")
     if generator_init:
         from parallel.loading import StateSource
         with StateSource(generator_init) as source:
-            nets["generator"] = backend.build_role("generator", family.build_denoiser, source, trainable=True)
+            nets["generator"] = backend.build_role("generator", build_denoiser, source, trainable=True)
     if "pixel_backbone" in method.frozen_roles:
         with family.pixel_backbone_source(pixel_backbone_path(recipe, run_dir)) as source:
             nets["pixel_backbone"] = backend.build_role("pixel_backbone", family.build_pixel_backbone, source,

@@ -99,11 +99,26 @@ def test_cli_exit_2_one_line_no_traceback(tmp_path):
     wrong = write(tmp_path, "wrong.yaml", f"run: {{dir: {tmp_path}/run}}\nteacher:\n  train: {{steps: x, batch_size: 2}}\n")
     for args in ([bad], [wrong], [str(tmp_path / "missing.yaml")], [SMOKE, "distill.train.steps"],
                  [SMOKE, f"run.dir={tmp_path}/run", "distill.train.steps=-1"],
-                 [SMOKE, f"run.dir={tmp_path}/run", "distill.train.batch_size=8", "distill.train.micro_batch_size=3"]):
+                 [SMOKE, f"run.dir={tmp_path}/run", "distill.train.batch_size=8", "distill.train.micro_batch_size=3"],
+                 [SMOKE, f"run.dir={tmp_path}/run", "pretrain.train.batch_size=8", "pretrain.train.micro_batch_size=3"]):
         result = run_cli(*args)
         assert result.returncode == 2, result
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_xformers_without_cuda_is_a_configuration_error(tmp_path):
+    """xformers has CUDA kernels only: asking for it on a CPU run stops before any work with one line (exit 2);
+    the toy has no attention to switch."""
+    sdxl = os.path.join(ROOT, "recipes", "tiny", "sdxl_tiny.yaml")
+    cases = ((sdxl, "CUDA only", ["teacher.pretrained=stabilityai/stable-diffusion-xl-base-1.0"]),
+             (SMOKE, "no attention layers", []))
+    for recipe, family_hint, extra in cases:
+        result = run_cli(recipe, f"run.dir={tmp_path}/run", "parallel.attention=xformers", *extra)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "parallel.attention" in lines[0] and family_hint in lines[0], result.stderr
     assert not (tmp_path / "run").exists()
 
 

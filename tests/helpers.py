@@ -51,3 +51,25 @@ def pretrain_trainer(tmp_path, *overrides):
     collect_pairs(recipe, SINGLE, progress=False)
     ensure_pixel_backbone(recipe, recipe.run.dir, SINGLE, lambda message: None)
     return build_stage_trainer(recipe, recipe.run.dir, SINGLE, "pretrain")
+
+
+def saved_vision(kind: str, folder: str) -> str:
+    """A tiny random SAM / DINOv2 vision model saved with save_pretrained (what a pretrained backbone folder holds)."""
+    from trainer.pixel_backbones import build_vision, vision_config
+    torch.manual_seed(0)
+    model = build_vision(kind, vision_config(kind, f"{kind}_tiny"))
+    model.save_pretrained(folder)
+    return folder
+
+
+def tiny_sdxl_pipeline(folder: str) -> str:
+    """A diffusers-layout folder with the tiny twin's random UNet (unet/) and VAE (vae/)."""
+    from diffusers import AutoencoderKL
+    from trainer.families.configs import load_config
+    from trainer.families.sdxl import SDXLUNet
+    torch.manual_seed(0)
+    unet = {k: v for k, v in load_config("sdxl_tiny").items() if not k.startswith("_")}
+    SDXLUNet.from_config(unet).save_pretrained(os.path.join(folder, "unet"))
+    vae = {k: v for k, v in load_config("sdxl_vae_tiny").items() if not k.startswith("_")}
+    AutoencoderKL.from_config(vae).save_pretrained(os.path.join(folder, "vae"))
+    return folder

@@ -71,8 +71,6 @@ class PixelBackbone(nn.Module):
         self.image_size = image_size or config.image_size
         self.patch_size = config.patch_size
         self.taps = tap_layers(config.num_hidden_layers)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
 
     def feature_shapes(self) -> list[tuple[int, int, int]]:
         grid = self.image_size // self.patch_size
@@ -93,7 +91,10 @@ class PixelBackbone(nn.Module):
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
                                    align_corners=False)
-        pixels = ((images + 1) / 2 - self.mean) / self.std
+        # constants made per call, not buffers: sharded backends build roles on the meta device and load parameters only
+        mean = images.new_tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+        std = images.new_tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
+        pixels = ((images + 1) / 2 - mean) / std
         out = self.vision(pixel_values=pixels.to(next(self.vision.parameters()).dtype), output_hidden_states=True)
         grid = self.image_size // self.patch_size
         features = []

@@ -9,17 +9,9 @@ import pytest
 import torch
 
 from parallel.loading import PrefixedSource, StateSource, TensorsSource, load_full_state
-from tests.helpers import ROOT
-from trainer.families.configs import load_config
+from tests.helpers import ROOT, saved_vision, tiny_sdxl_pipeline
 from trainer.pixel_backbones import (PixelBackbone, build_vision, pretrained_vision_state, vision_class,
                                      vision_config)
-
-
-def saved_vision(kind: str, folder: str) -> str:
-    torch.manual_seed(0)
-    model = build_vision(kind, vision_config(kind, f"{kind}_tiny"))
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.parametrize("kind", ["sam", "dinov2"])
@@ -49,17 +41,6 @@ def test_sam_checkpoint_keys_load_by_prefix(tmp_path):
         load_full_state(backbone, source)
     assert torch.equal(backbone.vision.state_dict()["vision_encoder.pos_embed"],
                        vision_class("sam").from_pretrained(folder).state_dict()["vision_encoder.pos_embed"])
-
-
-def tiny_sdxl_pipeline(folder: str) -> str:
-    from diffusers import AutoencoderKL
-    from trainer.families.sdxl import SDXLUNet
-    torch.manual_seed(0)
-    unet = {k: v for k, v in load_config("sdxl_tiny").items() if not k.startswith("_")}
-    SDXLUNet.from_config(unet).save_pretrained(os.path.join(folder, "unet"))
-    vae = {k: v for k, v in load_config("sdxl_vae_tiny").items() if not k.startswith("_")}
-    AutoencoderKL.from_config(vae).save_pretrained(os.path.join(folder, "vae"))
-    return folder
 
 
 def test_sdxl_tiny_dmdx_stages(tmp_path):

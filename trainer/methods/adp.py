@@ -55,10 +55,10 @@ class ADP(Method):
         if ctx._generator_x0 is None:
             t = self.student_times(ctx)
             with torch.set_grad_enabled(ctx.generator_trains):
-                ctx._adp_prediction = ctx.student_denoiser.predict(ctx.nets.generator, self.student_input(ctx, t),
-                                                                   t, ctx.cond)
-            ctx._generator_x0 = ctx._adp_prediction.x0
-        return ctx._adp_prediction
+                ctx._generator_prediction = ctx.student_denoiser.predict(
+                    ctx.nets.generator, self.student_input(ctx, t), t, ctx.cond)
+            ctx._generator_x0 = ctx._generator_prediction.x0
+        return ctx._generator_prediction
 
     # --- discriminators (§6.3) -------------------------------------------------------------------------------
     def renoise(self, ctx: StepContext, x0: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,6 +68,7 @@ class StepContext:
     conditioning_timestep: Optional[float] = None
     generator_trains: bool = False  # the generator's sample keeps its graph only when the generator updates
     _generator_x0: Optional[torch.Tensor] = None
+    _generator_prediction: Optional[object] = None   # ADP: the generator's full Prediction (native view for its MSE)
 
     @property
     def student_denoiser(self) -> Denoiser:

@@ -147,16 +147,27 @@ def test_sigkill_during_checkpoint_write_resumes_from_last_complete(reference, t
     assert_same_weights(ref_dir, run_dir)
 
 
-def test_sigkill_in_collect_and_pretrain_resumes_that_stage(reference, tmp_path):
-    """DMDX stage chaining: a kill in the collect stage, then (on the rerun) a kill in the pretrain stage; each rerun
-    resumes the stage it interrupted, keeps the finished ones, and the end result equals an uninterrupted run."""
+def test_sigkill_in_teacher_collect_and_pretrain_resumes_that_stage(reference, tmp_path):
+    """DMDX stage chaining: a kill in the teacher stage, then (on each rerun) a kill in the collect stage and in the
+    pretrain stage; each rerun resumes the stage it interrupted, keeps the finished ones, and the end result equals
+    an uninterrupted run. (Kills in the distill stage: the tests above.)"""
     ref_dir, _ = reference
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(command(run_dir), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    teacher_latest = run_dir / "teacher" / "checkpoints" / "latest"
+    wait_for(lambda: teacher_latest.is_file() and teacher_latest.read_text() >= "step_0000020", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "teacher" / "teacher.safetensors").exists()
+
+    proc = subprocess.Popen(command(run_dir), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
     pairs = run_dir / "ode_pairs"
     wait_for(lambda: (pairs / "part_000001" / "index.json").is_file(), proc)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    out, _ = proc.communicate()
+    resumed_teacher = re.search(r"\[teacher\] resumed at step (\d+)", out)
+    assert resumed_teacher and 20 <= int(resumed_teacher.group(1)) < 60, out[-2000:]
     assert not (pairs / "index.json").exists()          # killed before the merge: the stage is unfinished
 
     proc = subprocess.Popen(command(run_dir), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,

@@ -116,14 +116,25 @@ def wait_for(predicate, proc, timeout=180):
     raise TimeoutError
 
 
+def run_and_kill_when(run_dir, predicate, env=ENV) -> str:
+    """Run the smoke command, SIGKILL it once `predicate()` holds; returns what it printed on stdout."""
+    proc = subprocess.Popen(command(run_dir), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    wait_for(predicate, proc)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate()
+    return out
+
+
+def checkpoint_at_least(run_dir, stage: str, step: int):
+    latest = run_dir / stage / "checkpoints" / "latest"
+    return lambda: latest.is_file() and latest.read_text() >= f"step_{step:07d}"
+
+
 def test_sigkill_midway_then_rerun_equals_uninterrupted(reference, tmp_path):
     ref_dir, _ = reference
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(command(run_dir), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = run_dir / "distill" / "checkpoints" / "latest"
-    wait_for(lambda: latest.is_file() and latest.read_text() >= "step_0000020", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_and_kill_when(run_dir, checkpoint_at_least(run_dir, "distill", 20))
     assert not (run_dir / "distill" / "student.safetensors").exists()
     result = run(run_dir)
     resumed_at = re.search(r"\[distill:adm\] resumed at step (\d+)", result.stdout)
@@ -135,11 +146,8 @@ def test_sigkill_during_checkpoint_write_resumes_from_last_complete(reference, t
     ref_dir, _ = reference
     run_dir = tmp_path / "run"
     env = dict(ENV, DMDX_FAULT_SLEEP_IN_CHECKPOINT_WRITE="60:distill/checkpoints/step_0000020")
-    proc = subprocess.Popen(command(run_dir), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = run_dir / "distill" / "checkpoints" / "tmp-step_0000020"
-    wait_for(lambda: (partial / "extra.json").is_file(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_and_kill_when(run_dir, lambda: (partial / "extra.json").is_file(), env)
     assert (run_dir / "distill" / "checkpoints" / "latest").read_text() == "step_0000010"
     result = run(run_dir)
     assert "[distill:adm] resumed at step 10" in result.stdout
@@ -153,29 +161,16 @@ def test_sigkill_in_teacher_collect_and_pretrain_resumes_that_stage(reference, t
     an uninterrupted run. (Kills in the distill stage: the tests above.)"""
     ref_dir, _ = reference
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(command(run_dir), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    teacher_latest = run_dir / "teacher" / "checkpoints" / "latest"
-    wait_for(lambda: teacher_latest.is_file() and teacher_latest.read_text() >= "step_0000020", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_and_kill_when(run_dir, checkpoint_at_least(run_dir, "teacher", 20))
     assert not (run_dir / "teacher" / "teacher.safetensors").exists()
 
-    proc = subprocess.Popen(command(run_dir), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
     pairs = run_dir / "ode_pairs"
-    wait_for(lambda: (pairs / "part_000001" / "index.json").is_file(), proc)
-    proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate()
+    out = run_and_kill_when(run_dir, lambda: (pairs / "part_000001" / "index.json").is_file())
     resumed_teacher = re.search(r"\[teacher\] resumed at step (\d+)", out)
     assert resumed_teacher and 20 <= int(resumed_teacher.group(1)) < 60, out[-2000:]
     assert not (pairs / "index.json").exists()          # killed before the merge: the stage is unfinished
 
-    proc = subprocess.Popen(command(run_dir), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
-    latest = run_dir / "pretrain" / "checkpoints" / "latest"
-    wait_for(lambda: latest.is_file() and latest.read_text() >= "step_0000010", proc)
-    proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate()
+    out = run_and_kill_when(run_dir, checkpoint_at_least(run_dir, "pretrain", 10))
     resumed = re.search(r"\[collect\] resuming: (\d+) of 16 micro-batches already written", out)
     assert resumed and 2 <= int(resumed.group(1)) < 16, out[-2000:]
     assert "[teacher] done already" in out

@@ -31,9 +31,6 @@ def load_local_shards(module: nn.Module, source) -> None:
     """Copy each parameter's local shard (dim-0 rows: FSDP2 shards dim 0) from the source; nothing else is read."""
     from parallel.loading import check_keys
     check_keys(module, source)
-    buffers = [n for n, _ in module.named_buffers()]
-    if buffers:   # to_empty leaves buffers uninitialised; the families here have none (a test checks)
-        raise NotImplementedError(f"meta-device loading of modules with buffers ({buffers[:3]}) is not supported")
     with torch.no_grad():
         for name, param in module.named_parameters():
             local = param.to_local()
@@ -74,10 +71,18 @@ class FSDP2Backend(Backend):
         each shard's rows from the source (parallel/loading.py). A rank's memory grows by its shards only."""
         if source is None:
             return self.wrap(role, build(), trainable)
-        with torch.device("meta"):
+        # parameters on the meta device, buffers real: buffers are computed by the constructors (SD3's sincos
+        # position table, CogVideoX's) and are not always in the checkpoint (non-persistent), so they are kept
+        # from the build and restored after to_empty, which reallocates every tensor uninitialised
+        from accelerate import init_empty_weights
+        with init_empty_weights(include_buffers=False):
             module = build()
+        buffers = {name: buffer.clone() for name, buffer in module.named_buffers()}
         module = self._shard(role, module, trainable)
         module.to_empty(device="cpu" if self.offload is not None else self.dist.device)
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                buffer.copy_(buffers[name])
         load_local_shards(module, source)
         return module
 

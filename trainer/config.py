@@ -44,16 +44,25 @@ class ToyFamilyConfig(Section):
     taps: list[int] = Field(default_factory=lambda: [1, 2, 3], description="block indices whose outputs feed heads")
 
 
-class SDXLFamilyConfig(Section):
+class LatentFamilyConfig(Section):
+    """What the latent families share (trainer/families/latent.py): prompts, the null branch, the heads."""
+    prompts: Optional[str] = Field(None, description="a text file with one prompt per line: encoded once by the teacher "
+                                   "pipeline's text encoders into <run.dir>/prompts/ (the precomputed-embeddings "
+                                   "path); default: a random embedding table (tiny twins, benchmarks)")
+    num_prompts: int = Field(64, gt=0, description="rows of the random embedding table (without `prompts`)")
+    prompt_seed: int = 0
+    uncond: Literal["zeros", "empty_prompt"] = Field("zeros", description="the unconditional branch of CFG: zero "
+                                                     "embeddings (DMD2) or the encoded empty prompt (needs prompts)")
+    head_hidden: int = Field(128, gt=0, description="channels of each discriminator head's conv")
+
+
+class SDXLFamilyConfig(LatentFamilyConfig):
     """SDXL's UNet (trainer/families/sdxl.py). The architecture comes from `teacher.pretrained` when it is a
     diffusers folder or hub id, else from the checked-in config `model` (`sdxl`, or the tiny twin `sdxl_tiny`)."""
     name: Literal["sdxl"] = "sdxl"
     model: Literal["sdxl", "sdxl_tiny"] = "sdxl"
     resolution: int = Field(1024, gt=0, multiple_of=8, description="pixels; latents are resolution / 8")
-    num_prompts: int = Field(64, gt=0, description="rows of the prompt-embedding table (until text encoders)")
     prompt_length: int = Field(77, gt=0, description="tokens per prompt embedding")
-    prompt_seed: int = 0
-    head_hidden: int = Field(128, gt=0, description="channels of each discriminator head's conv")
     pixel_backbone: Literal["sam", "dinov2"] = Field("sam", description="ADP's pixel discriminator backbone "
                                                      "(§10.10): SAM's image encoder, or DINOv2")
     pixel_backbone_pretrained: Optional[str] = Field(
@@ -63,7 +72,33 @@ class SDXLFamilyConfig(Section):
                                             "resized to it); default: the backbone's own (SAM 1024)")
 
 
-FamilyConfig = Annotated[Union[ToyFamilyConfig, SDXLFamilyConfig], Field(discriminator="name")]
+class SD3FamilyConfig(LatentFamilyConfig):
+    """SD3-Medium / SD3.5-Large's MMDiT (trainer/families/sd3.py): the pretrained folder's `transformer/` config, else
+    the checked-in `model`."""
+    name: Literal["sd3"] = "sd3"
+    model: Literal["sd3_medium", "sd35_large", "sd3_medium_tiny", "sd35_large_tiny"] = "sd3_medium"
+    resolution: int = Field(1024, gt=0, multiple_of=16, description="pixels; latents are resolution / 8")
+    prompt_length: int = Field(333, gt=0, description="tokens per prompt: 77 CLIP + 256 T5 (the pipeline's default)")
+    taps: Optional[list[int]] = Field(None, description="joint blocks whose image tokens feed the heads; default: the "
+                                      "ends of 1/4, 1/2, 3/4 and all of the depth")
+
+
+class CogVideoXFamilyConfig(LatentFamilyConfig):
+    """CogVideoX-2B / 5B (trainer/families/cogvideox.py): the pretrained folder's `transformer/` config, else the
+    checked-in `model`."""
+    name: Literal["cogvideox"] = "cogvideox"
+    model: Literal["cogvideox_2b", "cogvideox_5b", "cogvideox_2b_tiny", "cogvideox_5b_tiny"] = "cogvideox_2b"
+    frames: int = Field(49, gt=0, description="video frames (4k + 1); latent frames are (frames - 1) / 4 + 1")
+    height: int = Field(480, gt=0, multiple_of=16)
+    width: int = Field(720, gt=0, multiple_of=16)
+    prompt_length: Optional[int] = Field(None, gt=0, description="T5 tokens per prompt; default: the transformer's "
+                                         "max_text_seq_length (226)")
+    taps: Optional[list[int]] = Field(None, description="blocks whose video tokens feed the 3-D heads; default: the "
+                                      "ends of 1/4, 1/2, 3/4 and all of the depth")
+
+
+FamilyConfig = Annotated[Union[ToyFamilyConfig, SDXLFamilyConfig, SD3FamilyConfig, CogVideoXFamilyConfig],
+                         Field(discriminator="name")]
 
 
 class ScheduleConfig(Section):
@@ -419,7 +454,7 @@ def _source_of(dotted: str, provenance: dict, default: str) -> str:
     return default
 
 
-UNION_TAGS = {"toy", "sdxl", "dmd", "dmd2", "adm", "regression", "adp"}
+UNION_TAGS = {"toy", "sdxl", "sd3", "cogvideox", "dmd", "dmd2", "adm", "regression", "adp"}
 
 
 def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
@@ -481,6 +516,14 @@ def check_combinations(recipe: Recipe, path: str, provenance: dict) -> None:
         fail("distill.method.dt_frac", "t_min_frac + dt_frac must stay below t_max_frac (t - dt must stay valid)",
              "lower dt_frac or widen the t range")
     family = recipe.family
+    from trainer.families import TEACHER_PREDICTION
+    expected = TEACHER_PREDICTION.get(family.name)
+    if expected is not None and s.prediction != expected:
+        fail("schedule.prediction", f"family '{family.name}' teachers predict '{expected}' (got '{s.prediction}')",
+             f"schedule.prediction: {expected}")
+    if family.name == "cogvideox" and not s.zero_terminal_snr:
+        fail("schedule.zero_terminal_snr", "CogVideoX is trained with zero terminal SNR", "schedule.zero_terminal_snr: "
+             "true (and snr_shift 3.0 for 2B, 1.0 for 5B)")
     if family.name == "toy":
         conditional = family.dataset == "digits"
         if not conditional and m.guidance_scale != 1.0:
@@ -491,10 +534,23 @@ def check_combinations(recipe: Recipe, path: str, provenance: dict) -> None:
         if bad or not family.taps:
             fail("family.taps", f"tap indices must lie in [0, {depth}) (got {family.taps})", "taps are block indices")
     else:
+        if "evaluate" in recipe.stages:
+            fail("stages", f"the evaluate stage measures the toy families (FD against their data); family "
+                           f"'{family.name}' has no such data here", "drop 'evaluate'; export the student with "
+                           "python -m trainer.export and score it with your own pipeline")
         if "teacher" in recipe.stages:
             fail("stages", f"the teacher stage trains toy teachers only; family '{family.name}' distills a "
                            f"pretrained one", "drop 'teacher' from stages and set teacher.pretrained")
         pm = recipe.pretrain.method
+        if "pretrain" in recipe.stages and isinstance(pm, ADPConfig) and pm.pixel_weight > 0 and family.name != "sdxl":
+            fail("pretrain.method.pixel_weight", f"family '{family.name}' has no pixel discriminator backbone (the "
+                 f"paper's SD3 and CogVideoX students use ADM alone, from the teacher)",
+                 "pretrain.method.pixel_weight: 0 and latent_weight: 1, or drop the pretrain stage")
+        if family.uncond == "empty_prompt" and family.prompts is None:
+            fail("family.uncond", "the empty prompt's embeddings come from the text encoders, which run only with a "
+                 "prompt file", "set family.prompts, or family.uncond: zeros")
+        if family.prompts is not None and not os.path.isfile(family.prompts):
+            fail("family.prompts", f"file '{family.prompts}' not found", "a text file with one prompt per line")
         if ("pretrain" in recipe.stages and isinstance(pm, ADPConfig) and pm.pixel_weight > 0
                 and family.model != "sdxl_tiny" and family.pixel_backbone_pretrained is None):
             fail("family.pixel_backbone_pretrained", "ADP's pixel discriminator needs a pretrained backbone (random "

@@ -105,7 +105,8 @@ def main(argv=None) -> int:
         print(dump_recipe(recipe), end="")
         return dry_run_plan(args, recipe)
     from parallel.distributed import init_distributed, shutdown
-    from trainer.stages import run_collect_stage, run_distill_stage, run_evaluate_stage, run_teacher_stage
+    from trainer.stages import (prepare_prompts, run_collect_stage, run_distill_stage, run_evaluate_stage,
+                                run_teacher_stage)
 
     dist_info = init_distributed(timeout_seconds=recipe.parallel.collective_timeout_seconds,
                                  need_group=recipe.parallel.backend != "data_parallel")
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     metrics = None
     try:
+        prepare_prompts(recipe, run_dir, dist_info, log)
         for stage in recipe.stages:
             if stage == "teacher":
                 run_teacher_stage(recipe, run_dir, dist_info, log)

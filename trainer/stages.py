@@ -169,6 +169,16 @@ def build_stage_nets(recipe, run_dir: str, backend, family, method, optimizers: 
     return Nets(**{role: backend.modules[role] for role in nets})
 
 
+def load_student_weights(module, path: str) -> None:
+    """A stage's student file into `module`. The files hold parameters only (the EMA is kept for parameters), so
+    buffers the constructor computed (SD3's position table) keep their values; any other difference is an error."""
+    missing, unexpected = module.load_state_dict(load_file(path), strict=False)
+    buffers = {name for name, _ in module.named_buffers()}
+    wrong = [k for k in missing if k not in buffers] + list(unexpected)
+    if wrong:
+        raise KeyError(f"{path}: the weights do not fit the model (first keys: {wrong[:3]})")
+
+
 def stage_student_path(run_dir: str, stage: str) -> str:
     return os.path.join(run_dir, stage, STUDENT_FILE)
 
@@ -261,6 +271,16 @@ class StreamAdapter:
         self.stream.load_state_dict(state)
 
 
+def prepare_prompts(recipe, run_dir: str, dist_info, log) -> None:
+    """Encode family.prompts with the teacher's text encoders once, before any stage (rank 0; the rest wait)."""
+    if getattr(recipe.family, "prompts", None) is None:
+        return
+    if dist_info.is_main:
+        from trainer.families.prompts import encode_prompt_file
+        encode_prompt_file(recipe, run_dir, log)
+    barrier()
+
+
 def run_collect_stage(recipe, run_dir: str, dist_info, log) -> None:
     """Teacher ODE pairs into <run_dir>/ode_pairs (or collect.out); a rerun writes only the missing parts."""
     from data.collect import collect_pairs
@@ -324,7 +344,7 @@ def load_student(run_dir: str, recipe=None):
     recipe = recipe or load_recipe(os.path.join(run_dir, "config.yaml"))
     family = build_family(recipe)
     generator = family.build_denoiser()
-    generator.load_state_dict(load_file(stage_student_path(run_dir, final_stage(recipe) or "distill")))
+    load_student_weights(generator, stage_student_path(run_dir, final_stage(recipe) or "distill"))
     return recipe, family, build_generator_denoiser(recipe), generator.eval().requires_grad_(False)
 
 

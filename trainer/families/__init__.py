@@ -3,6 +3,25 @@
 `build_family(recipe)` returns the family object for `recipe.family.name`."""
 from __future__ import annotations
 
+import os
+
+# the teacher's native parameterisation per family (ALGORITHMS.md §1.1): a recipe whose schedule says otherwise is
+# a configuration error
+TEACHER_PREDICTION = {"sdxl": "eps", "sd3": "flow", "cogvideox": "v"}
+
+
+def family_class(name: str):
+    if name == "sdxl":
+        from trainer.families.sdxl import SDXLFamily
+        return SDXLFamily
+    if name == "sd3":
+        from trainer.families.sd3 import SD3Family
+        return SD3Family
+    if name == "cogvideox":
+        from trainer.families.cogvideox import CogVideoXFamily
+        return CogVideoXFamily
+    raise ValueError(f"unknown family '{name}'")
+
 
 def build_family(recipe, planning: bool = False):
     """planning: the memory planner's use; a pretrained teacher that is not a local folder (a hub id that is not
@@ -10,12 +29,13 @@ def build_family(recipe, planning: bool = False):
     if recipe.family.name == "toy":
         from trainer.families.toy import ToyFamily
         return ToyFamily(recipe.family)
-    if recipe.family.name == "sdxl":
-        from trainer.families.sdxl import SDXLFamily
-        import os
-        pretrained = recipe.teacher.pretrained
-        if planning and pretrained and not os.path.isdir(pretrained):
-            pretrained = None
-        return SDXLFamily(recipe.family, pretrained if pretrained and not pretrained.endswith(".safetensors")
-                          else None)
-    raise ValueError(f"unknown family '{recipe.family.name}'")
+    pretrained = recipe.teacher.pretrained
+    if planning and pretrained and not os.path.isdir(pretrained):
+        pretrained = None
+    if pretrained and pretrained.endswith(".safetensors"):
+        pretrained = None
+    prompt_table = None
+    if recipe.family.prompts is not None and not planning:
+        from trainer.families.prompts import load_prompt_table
+        prompt_table = load_prompt_table(recipe)
+    return family_class(recipe.family.name)(recipe.family, pretrained, prompt_table)

@@ -6,19 +6,18 @@ Taps (discriminator backbone features) are the outputs of the down blocks and of
 `classify_forward` does the same; no forward hooks: they fire again in activation-checkpoint recompute).
 
 Conditioning: SDXL takes `encoder_hidden_states` [B, L, 2048] (CLIP-L ‖ CLIP-bigG tokens) and `added_cond_kwargs`
-{text_embeds [B, 1280] (pooled bigG), time_ids [B, 6] (orig h, w, crop top, left, target h, w)}. Until the text
-encoders land (issue #6), prompts are rows of a fixed random embedding table (a pure function of
-`family.prompt_seed` and the prompt id), and the unconditional branch is zero embeddings as in DMD2.
+{text_embeds [B, 1280] (pooled bigG), time_ids [B, 6] (orig h, w, crop top, left, target h, w)}; prompts are rows of
+the family's prompt table (trainer/families/latent.py).
 """
 from __future__ import annotations
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from data.toy import class_labels_for
 from parallel.loading import StateSource, resolve_model_dir
 from trainer.families.configs import load_config
-from trainer.heads import FeatureHeads, HybridHeads
+from trainer.families.latent import LatentFamily
+from trainer.heads import FeatureHeads
 
 VAE_SCALE = 8   # SDXL's VAE downsamples 8x
 
@@ -59,49 +58,29 @@ class SDXLUNet(UNet2DConditionModel):
         return taps
 
 
-def unet_config(model: str, pretrained: str | None) -> dict:
-    """The UNet's constructor config: the pretrained folder's (or hub id's) unet/config.json, else the checked-in
-    `families/configs/<model>.json`."""
-    if pretrained:
-        return dict(UNet2DConditionModel.load_config(resolve_model_dir(pretrained, "unet")))
-    return load_config(model)
+class SDXLFamily(LatentFamily):
+    denoiser_class = SDXLUNet
+    subfolder = "unet"
 
-
-class SDXLFamily:
-    def __init__(self, cfg, pretrained: str | None = None):
-        self.cfg, self.pretrained = cfg, pretrained
-        self.config = {k: v for k, v in unet_config(cfg.model, pretrained).items() if not k.startswith("_")}
+    def setup(self) -> None:
         c = self.config
-        self.latent_size = cfg.resolution // VAE_SCALE
+        self.latent_size = self.cfg.resolution // VAE_SCALE
         self.data_shape = (c.get("in_channels", 4), self.latent_size, self.latent_size)
         self.text_dim = c["cross_attention_dim"]
         self.pooled_dim = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
-        generator = torch.Generator().manual_seed(cfg.prompt_seed)
-        # [P, L, D] token embeddings and [P, pooled] pooled embeddings, unit-variance rows
-        self.prompt_tokens = torch.randn(cfg.num_prompts, cfg.prompt_length, self.text_dim, generator=generator)
-        self.prompt_pooled = torch.randn(cfg.num_prompts, self.pooled_dim, generator=generator)
 
-    def render_grid(self, samples: torch.Tensor):
-        """HWC uint8 preview of latents [N, 4, h, w]: channels 0-2 as RGB, each sample scaled to its own range,
-        tiled 4 per row. A latent preview, not pixels: the VAE decode lands with the text encoders (issue #6)."""
-        import numpy as np
-        x = samples.float().cpu()[:, :3]
-        lo = x.amin(dim=(1, 2, 3), keepdim=True)
-        hi = x.amax(dim=(1, 2, 3), keepdim=True)
-        x = ((x - lo) / (hi - lo).clamp_min(1e-6) * 255).to(torch.uint8)            # [N, 3, h, w]
-        cols = min(4, len(x))
-        rows = (len(x) + cols - 1) // cols
-        pad = torch.zeros(rows * cols - len(x), *x.shape[1:], dtype=torch.uint8)
-        x = torch.cat([x, pad]).reshape(rows, cols, *x.shape[1:])                    # [R, C, 3, h, w]
-        return np.ascontiguousarray(x.permute(0, 3, 1, 4, 2).reshape(rows * x.shape[3], cols * x.shape[4], 3).numpy())
+    def embedding_shapes(self) -> dict[str, tuple[int, ...]]:
+        """CLIP-L ‖ CLIP-bigG penultimate tokens [L, 2048] and the pooled, projected bigG embedding [1280]."""
+        return {"encoder_hidden_states": (self.cfg.prompt_length, self.text_dim), "text_embeds": (self.pooled_dim,)}
 
-    # --- roles -------------------------------------------------------------------------------------------------
-    def build_denoiser(self) -> SDXLUNet:
-        return SDXLUNet.from_config(self.config)
+    def time_ids(self, batch: int, device) -> torch.Tensor:
+        """(original h, w, crop top, left, target h, w) as the pipeline's default call builds them."""
+        size = float(self.cfg.resolution)
+        return torch.tensor([size, size, 0.0, 0.0, size, size], device=device).expand(batch, 6)
 
-    def teacher_source(self, path: str) -> StateSource:
-        """The teacher's weights: a pipeline folder or hub id (subfolder `unet`) or a UNet folder."""
-        return StateSource(path, subfolder="unet")
+    def assemble(self, flat: dict, batch: int, device) -> dict:
+        return {"encoder_hidden_states": flat["encoder_hidden_states"],
+                "added_cond_kwargs": {"text_embeds": flat["text_embeds"], "time_ids": self.time_ids(batch, device)}}
 
     def tap_shapes(self) -> list[tuple[int, int, int]]:
         """(C, h, w) of each tap: every down block (all but the last halve the size), then the mid block."""
@@ -114,8 +93,9 @@ class SDXLFamily:
         shapes.append((channels[-1], size, size))
         return shapes
 
-    def build_heads(self) -> FeatureHeads:
-        return FeatureHeads(self.tap_shapes(), hidden=self.cfg.head_hidden)
+    def denoiser_units(self, module) -> list:
+        """Each down block, the mid block, each up block."""
+        return [*module.down_blocks, module.mid_block, *module.up_blocks]
 
     # --- ADP's pixel discriminator: VAE decode -> SAM / DINOv2 (trainer/pixel_backbones.py) --------------------
     def vae_config(self) -> dict:
@@ -163,55 +143,3 @@ class SDXLFamily:
             return None
         torch.manual_seed(0)
         return self.build_pixel_backbone().state_dict()
-
-    @staticmethod
-    def shard_units(module) -> list:
-        """FSDP units before the root: each down block, the mid block, each up block; one unit per head."""
-        if isinstance(module, UNet2DConditionModel):
-            return [*module.down_blocks, module.mid_block, *module.up_blocks]
-        if isinstance(module, FeatureHeads):
-            return list(module.heads)
-        if isinstance(module, HybridHeads):   # ADP: latent and pixel heads, one unit each
-            return [*module.latent.heads, *(module.pixel.heads if module.pixel is not None else [])]
-        return []
-
-    def example_inputs(self, batch: int, device) -> dict:
-        x = torch.zeros(batch, *self.data_shape, device=device)
-        t = torch.full((batch,), 500.0, device=device)
-        cond = self.null_condition(batch, device)
-        features = [torch.zeros(batch, *shape, device=device) for shape in self.tap_shapes()]
-        return {"generator": (x, t, cond["encoder_hidden_states"], cond["added_cond_kwargs"]),
-                "fake_score": (x, t, cond["encoder_hidden_states"], cond["added_cond_kwargs"]),
-                "heads": (features,)}
-
-    # --- conditioning --------------------------------------------------------------------------------------------
-    conditional = True
-
-    def time_ids(self, batch: int, device) -> torch.Tensor:
-        size = float(self.cfg.resolution)
-        return torch.tensor([size, size, 0.0, 0.0, size, size], device=device).expand(batch, 6)
-
-    def condition(self, labels: torch.Tensor) -> dict:
-        device = labels.device
-        return {"encoder_hidden_states": self.prompt_tokens.to(device)[labels],
-                "added_cond_kwargs": {"text_embeds": self.prompt_pooled.to(device)[labels],
-                                      "time_ids": self.time_ids(len(labels), device)}}
-
-    def null_condition(self, batch: int, device) -> dict:
-        """DMD2's unconditional branch: zero text embeddings (the empty-prompt option arrives with the encoders)."""
-        return {"encoder_hidden_states": torch.zeros(batch, self.cfg.prompt_length, self.text_dim, device=device),
-                "added_cond_kwargs": {"text_embeds": torch.zeros(batch, self.pooled_dim, device=device),
-                                      "time_ids": self.time_ids(batch, device)}}
-
-    def drop_condition(self, labels: torch.Tensor, drop: torch.Tensor) -> dict:
-        cond, null = self.condition(labels), self.null_condition(len(labels), labels.device)
-        keep = ~drop
-        return {"encoder_hidden_states": torch.where(keep[:, None, None], cond["encoder_hidden_states"],
-                                                     null["encoder_hidden_states"]),
-                "added_cond_kwargs": {"text_embeds": torch.where(keep[:, None], cond["added_cond_kwargs"]["text_embeds"],
-                                                                 null["added_cond_kwargs"]["text_embeds"]),
-                                      "time_ids": cond["added_cond_kwargs"]["time_ids"]}}
-
-    def prompt_labels(self, indices, seed: int) -> torch.Tensor:
-        """The prompt id of each generator sample: a pure function of (seed, sample index)."""
-        return class_labels_for(indices, self.cfg.num_prompts, seed)

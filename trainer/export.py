@@ -1,0 +1,158 @@
+"""`python -m trainer.export RUN_DIR --out DIR [--weights ema|raw] [--dtype fp32|bf16|fp16]`
+
+Writes the run's student as a diffusers pipeline folder that the stock `StableDiffusionXLPipeline`,
+`StableDiffusion3Pipeline` or `CogVideoXPipeline` loads with `from_pretrained`: the teacher pipeline's text encoders,
+tokenizers and VAE (read from `teacher.pretrained`), the student's weights in the stock denoiser class (EMA by
+default; the stage end consolidates them from FSDP2 or ZeRO-3 shards), and a scheduler that reproduces the student's
+own K-step sampler (trainer/sampling.py: predict x0, re-noise with fresh noise to the next student time):
+
+- eps / v students (SDXL, CogVideoX): `LCMScheduler` with `original_inference_steps=1000`, whose K timesteps are
+  DMD2's 999 - 1000 i / K, with the trainer's exact abar table passed as `trained_betas` (CogVideoX's SNR shift and
+  zero terminal SNR included) and a `timestep_scaling` large enough that LCM's boundary terms vanish (c_skip < 1e-10).
+- rectified-flow students (SD3): `FlowMatchEulerDiscreteScheduler(shift, stochastic_sampling=True)`; the student's
+  times are the shifted 1 - i/K, which the stock call reaches with `sigmas=[1 - i/K]` (its default grid differs).
+- a one-step student shown a conditioning timestep (DMD2 SDXL: 399) is called with `timesteps=[399]`.
+- an RF-velocity student on SDXL (DMDX's ADP parameterisation, §10.7), one step: `UniPCMultistepScheduler` with
+  flow sigmas and `flow_prediction` (SDXL's pipeline needs a scheduler with `scale_model_input`, which
+  `FlowMatchEulerDiscreteScheduler` lacks); its single step is x0 = x_T - v(x_T, 1000).
+
+Call arguments that the stock pipeline needs besides the folder go to DIR/dmdx_sampling.json (steps, guidance 1 —
+the student needs no CFG — sizes, and the sigmas / timesteps above); the command prints the call. An existing
+non-empty DIR is refused: nothing is overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import trainer  # noqa: F401  (runtime env defaults)
+
+SAMPLING_FILE = "dmdx_sampling.json"
+
+
+def pipeline_class(family_name: str):
+    import diffusers
+    return {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline,
+            "cogvideox": diffusers.CogVideoXPipeline}[family_name]
+
+
+def trained_betas(schedule) -> list[float]:
+    """Betas whose cumulative product is the trainer's abar table (float64), for the schedulers' `trained_betas`."""
+    import torch
+    abar = schedule.alphas_cumprod
+    previous = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+    return (1.0 - abar / previous).tolist()
+
+
+def student_scheduler(recipe, denoiser):
+    """(scheduler, extra call arguments) reproducing the student's K-step sampler."""
+    import diffusers
+    g = recipe.distill.generator
+    steps = g.num_steps
+    if denoiser.prediction == "flow":
+        if recipe.family.name == "sdxl":
+            if steps != 1:
+                raise ValueError("an RF-velocity SDXL student exports as one step only (SDXL's pipeline has no "
+                                 "stochastic flow scheduler); sample it with python -m trainer.sample")
+            return diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                     flow_shift=1.0, final_sigmas_type="zero",
+                                                     timestep_spacing="linspace"), {"sigmas": [1.0]}
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=recipe.schedule.shift, stochastic_sampling=True)
+        return scheduler, {"sigmas": [1.0 - i / steps for i in range(steps)]}
+    scheduler = diffusers.LCMScheduler(
+        trained_betas=trained_betas(denoiser.schedule), prediction_type={"eps": "epsilon", "v": "v_prediction"}[
+            denoiser.prediction], original_inference_steps=1000, timestep_scaling=1.0e5, clip_sample=False,
+        set_alpha_to_one=True, thresholding=False)
+    extra = {}
+    if steps == 1 and g.conditioning_timestep is not None:
+        extra["timesteps"] = [int(round(g.conditioning_timestep))]
+    return scheduler, extra
+
+
+def sampling_arguments(recipe, family, extra: dict) -> dict:
+    """The stock call's keyword arguments (besides prompts, generator and output type)."""
+    args = {"num_inference_steps": recipe.distill.generator.num_steps, "guidance_scale": 1.0, **extra}
+    f = recipe.family
+    if f.name == "sdxl":
+        # the pipeline's default original_size = target_size = (height, width) are the family's time ids
+        args.update(height=f.resolution, width=f.resolution)
+    elif f.name == "sd3":
+        args.update(height=f.resolution, width=f.resolution)
+    else:
+        args.update(height=f.height, width=f.width, num_frames=f.frames, use_dynamic_cfg=False)
+    return args
+
+
+def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32") -> dict:
+    import torch
+
+    from trainer.config import load_recipe
+    from trainer.families import build_family
+    from trainer.stages import (GENERATOR_FILE, build_generator_denoiser, final_stage, load_student_weights,
+                                stage_student_path)
+    recipe = load_recipe(os.path.join(run_dir, "config.yaml"))
+    if recipe.family.name == "toy":
+        raise ValueError("the toy family has no diffusers pipeline (hint: python -m trainer.sample draws its samples)")
+    stage = final_stage(recipe) or "distill"
+    path = stage_student_path(run_dir, stage)
+    if weights == "raw":
+        path = os.path.join(run_dir, stage, GENERATOR_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: the {stage} stage has not finished (hint: rerun python -m trainer.main on "
+                                f"the recipe; it resumes and writes the student at the end)")
+    family = build_family(recipe)
+    denoiser = build_generator_denoiser(recipe)
+    stock = family.denoiser_class.__mro__[1]          # the diffusers class the student subclass extends
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    student = stock.from_config(family.config)
+    load_student_weights(student, path)
+    student.to(torch_dtype)
+    scheduler, extra = student_scheduler(recipe, denoiser)
+    cls = pipeline_class(recipe.family.name)
+    denoiser_key = "unet" if recipe.family.name == "sdxl" else "transformer"
+    pipeline = cls.from_pretrained(recipe.teacher.pretrained, **{denoiser_key: student, "scheduler": scheduler})
+    pipeline.save_pretrained(out)
+    call = sampling_arguments(recipe, family, extra)
+    with open(os.path.join(out, SAMPLING_FILE), "w") as f:
+        json.dump(call, f, indent=2)
+    return call
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("--out", required=True, help="new folder for the pipeline")
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help="the EMA student (default) or the "
+                        "raw generator weights")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="the student's saved dtype")
+    args = parser.parse_args(argv)
+    config = os.path.join(args.run_dir, "config.yaml")
+    if not os.path.isfile(config):
+        print(f"error: {args.run_dir}: not a run directory (missing {config}) (hint: the run.dir of a trained recipe)",
+              file=sys.stderr)
+        return 2
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        print(f"error: {args.out} exists and is not empty (hint: pick a new folder; nothing was written)",
+              file=sys.stderr)
+        return 2
+    try:
+        call = export(args.run_dir, args.out, args.weights, args.dtype)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from trainer.config import load_recipe
+    name = pipeline_class(load_recipe(config).family.name).__name__
+    arguments = ", ".join(f"{k}={v!r}" for k, v in call.items())
+    print(f"wrote {args.out}: load it with diffusers.{name}.from_pretrained({args.out!r}) and call it with "
+          f"{arguments} (also in {os.path.join(args.out, SAMPLING_FILE)})")
+    if name == "StableDiffusion3Pipeline" and call["num_inference_steps"] > 1:
+        print("note: StableDiffusion3Pipeline re-noises from torch's global RNG (it does not pass `generator` to "
+              "scheduler.step): call torch.manual_seed(seed) before it to reproduce python -m trainer.sample --seed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

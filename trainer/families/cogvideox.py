@@ -1,0 +1,114 @@
+"""The CogVideoX family (2B, 5B): `CogVideoXTransformer3DModel`, v prediction on scaled-linear betas with the SNR
+shift (3.0 for 2B, 1.0 for 5B) and zero terminal SNR, built from a checked-in config (`cogvideox_2b`,
+`cogvideox_5b`, or the tiny twins) or a pretrained diffusers folder / hub id (subfolder `transformer`).
+
+Latents are in the transformer's own layout [B, F, C, h, w] (frames before channels, as `CogVideoXPipeline` keeps
+them; the 3-D VAE takes channels first). F = (frames - 1) / 4 + 1 latent frames, h, w = height / 8, width / 8.
+
+Conditioning: `encoder_hidden_states` [B, 226, 4096], the T5-XXL tokens of the prompt (the pipeline's
+`max_sequence_length`), encoded once before training (trainer/families/prompts.py). 5B uses 3-D rotary position
+embeddings, which the forward computes from the latent shape exactly as `CogVideoXPipeline` does (cached per shape).
+
+Taps: the video tokens after the tapped blocks, [B, F h' w', D] -> [B, D, F, h', w'] for 3-D conv heads.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import CogVideoXTransformer3DModel
+
+from trainer.families.latent import LatentFamily, depth_taps, tokens_to_grid
+
+VAE_SCALE = 8
+TEMPORAL_COMPRESSION = 4
+
+
+class CogVideoXTransformer(CogVideoXTransformer3DModel):
+    """`CogVideoXTransformer3DModel` with the project's call convention (sample, timestep, **condition) and taps."""
+
+    tap_blocks: tuple[int, ...] = ()
+
+    def rotary_embedding(self, sample: torch.Tensor):
+        """(cos, sin) [F h' w', head_dim] of the 5B's 3-D RoPE for latents [B, F, C, h, w], as the pipeline's
+        `_prepare_rotary_positional_embeddings` builds them; None for the 2B (learned sincos positions)."""
+        if not self.config.use_rotary_positional_embeddings:
+            return None
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+        patch = self.config.patch_size
+        frames, height, width = sample.shape[1], sample.shape[-2] // patch, sample.shape[-1] // patch
+        key = (frames, height, width, sample.device)
+        cache = self.__dict__.setdefault("_rotary_cache", {})
+        if key not in cache:
+            crops = get_resize_crop_region_for_grid((height, width), self.config.sample_width // patch,
+                                                    self.config.sample_height // patch)
+            cache[key] = get_3d_rotary_pos_embed(embed_dim=self.config.attention_head_dim, crops_coords=crops,
+                                                 grid_size=(height, width), temporal_size=frames,
+                                                 device=sample.device)
+        return cache[key]
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                taps_only: bool = False):
+        """sample [B, F, C, h, w], timestep [B] (0..999), encoder_hidden_states [B, L, 4096] -> v [B, F, C, h, w];
+        with taps_only: per tapped block [B, D, F, h/p, w/p]."""
+        rotary = self.rotary_embedding(sample)
+        if not taps_only:
+            return super().forward(hidden_states=sample, encoder_hidden_states=encoder_hidden_states,
+                                   timestep=timestep, image_rotary_emb=rotary, return_dict=False)[0]
+        # CogVideoXTransformer3DModel.forward up to the last tapped block (CogVideoX 1.0: no ofs, no patch_size_t);
+        # kept in step with diffusers by tests/unit/test_latent_families.py
+        patch = self.config.patch_size
+        grid = (sample.shape[1], sample.shape[-2] // patch, sample.shape[-1] // patch)
+        emb = self.time_embedding(self.time_proj(timestep).to(dtype=sample.dtype), None)
+        hidden = self.embedding_dropout(self.patch_embed(encoder_hidden_states, sample))
+        text_length = encoder_hidden_states.shape[1]
+        context, hidden = hidden[:, :text_length], hidden[:, text_length:]
+        taps, last = [], max(self.tap_blocks)
+        for index, block in enumerate(self.transformer_blocks[:last + 1]):
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden, context = self._gradient_checkpointing_func(block, hidden, context, emb, rotary, None)
+            else:
+                hidden, context = block(hidden_states=hidden, encoder_hidden_states=context, temb=emb,
+                                        image_rotary_emb=rotary)
+            if index in self.tap_blocks:
+                taps.append(tokens_to_grid(hidden, grid))
+        return taps
+
+
+class CogVideoXFamily(LatentFamily):
+    denoiser_class = CogVideoXTransformer
+    subfolder = "transformer"
+
+    def setup(self) -> None:
+        c, cfg = self.config, self.cfg
+        if c.get("patch_size_t") is not None or c.get("ofs_embed_dim") is not None:
+            raise ValueError("CogVideoX 1.5 / image-to-video transformers (patch_size_t, ofs) are not supported: "
+                             "the family covers CogVideoX-2b and -5b")
+        patch = c["patch_size"]
+        if (cfg.frames - 1) % TEMPORAL_COMPRESSION:
+            raise ValueError(f"family.frames {cfg.frames}: must be 4k + 1 (the 3-D VAE compresses time 4x)")
+        if (cfg.height // VAE_SCALE) % patch or (cfg.width // VAE_SCALE) % patch:
+            raise ValueError(f"family.height/width {cfg.height}x{cfg.width}: latents must split into {patch}x{patch} "
+                             f"patches")
+        self.latent_frames = (cfg.frames - 1) // TEMPORAL_COMPRESSION + 1
+        self.latent_size = (cfg.height // VAE_SCALE, cfg.width // VAE_SCALE)
+        self.data_shape = (self.latent_frames, c["in_channels"], *self.latent_size)
+        self.taps = depth_taps(c["num_layers"], cfg.taps)
+        self.prompt_length = cfg.prompt_length or c["max_text_seq_length"]
+
+    def build_denoiser(self) -> CogVideoXTransformer:
+        net = CogVideoXTransformer.from_config(self.config)
+        net.tap_blocks = tuple(self.taps)
+        return net
+
+    def embedding_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"encoder_hidden_states": (self.prompt_length, self.config["text_embed_dim"])}
+
+    def tap_shapes(self) -> list[tuple[int, int, int, int]]:
+        c = self.config
+        patch = c["patch_size"]
+        shape = (c["num_attention_heads"] * c["attention_head_dim"], self.latent_frames,
+                 self.latent_size[0] // patch, self.latent_size[1] // patch)
+        return [shape] * len(self.taps)
+
+    def denoiser_units(self, module) -> list:
+        return list(module.transformer_blocks)

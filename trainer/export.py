@@ -58,7 +58,7 @@ def student_scheduler(recipe, denoiser):
                                  "stochastic flow scheduler); sample it with python -m trainer.sample")
             return diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
                                                      flow_shift=1.0, final_sigmas_type="zero",
-                                                     timestep_spacing="linspace"), {"sigmas": [1.0]}
+                                                     timestep_spacing="linspace"), {}
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=recipe.schedule.shift, stochastic_sampling=True)
         return scheduler, {"sigmas": [1.0 - i / steps for i in range(steps)]}
     scheduler = diffusers.LCMScheduler(

@@ -45,7 +45,8 @@ class Backend:
 
     def setup_optimizer(self, role: str, cfg) -> None:
         """One optimizer per trainable role, on the placed (possibly sharded) parameters, before any forward."""
-        self.optimizers[role], self.schedulers[role] = make_optimizer(self.modules[role].parameters(), cfg)
+        self.optimizers[role], self.schedulers[role] = make_optimizer(
+            [p for p in self.modules[role].parameters() if p.requires_grad], cfg)   # LoRA: the adapters only
 
     def step_role(self, role: str, skip: torch.Tensor | None = None) -> None:
         """skip: 0/1 device flag handed to the fused AdamW as `found_inf` (as torch's GradScaler does): at 1 the

@@ -160,21 +160,17 @@ class TensorsSource:
         return self.tensors[name].reshape(-1)[start:stop]
 
 
-class PrefixedSource:
-    """Several sources as one state dict, each under a key prefix, keeping only the keys that start with its
-    `keep` prefix: a role assembled from separately saved models (ADP's pixel backbone: `vae.` from the diffusers
-    pipeline's vae/, `vision.` from a SAM checkpoint whose prompt encoder and mask decoder are dropped)."""
+class MappedSource:
+    """A state dict assembled from other sources: each key maps to (source, the source's own key name)."""
 
-    def __init__(self, parts: dict[str, tuple["StateSource", str]]):
-        self.parts = parts
-        self._map = {prefix + name: (source, name) for prefix, (source, keep) in parts.items()
-                     for name in source.keys() if name.startswith(keep)}
+    def __init__(self, mapping: dict[str, tuple], sources: list):
+        self._map, self.sources = mapping, sources
 
-    def __enter__(self) -> "PrefixedSource":
+    def __enter__(self) -> "MappedSource":
         return self
 
     def __exit__(self, *exc) -> None:
-        for source, _ in self.parts.values():
+        for source in self.sources:
             source.__exit__(*exc)
 
     def keys(self) -> list[str]:
@@ -195,6 +191,16 @@ class PrefixedSource:
     def flat_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         source, inner = self._map[name]
         return source.flat_range(inner, start, stop)
+
+
+class PrefixedSource(MappedSource):
+    """Several sources as one state dict, each under a key prefix, keeping only the keys that start with its
+    `keep` prefix: a role assembled from separately saved models (ADP's pixel backbone: `vae.` from the diffusers
+    pipeline's vae/, `vision.` from a SAM checkpoint whose prompt encoder and mask decoder are dropped)."""
+
+    def __init__(self, parts: dict[str, tuple["StateSource", str]]):
+        super().__init__({prefix + name: (source, name) for prefix, (source, keep) in parts.items()
+                          for name in source.keys() if name.startswith(keep)}, [s for s, _ in parts.values()])
 
 
 def load_full_state(module: torch.nn.Module, source: StateSource) -> None:

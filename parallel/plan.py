@@ -104,13 +104,16 @@ def model_states(recipe, world_size: int, roles: dict) -> list[RoleStates]:
         shards = ParallelDims.resolve(world_size, p.dp_replicate, p.dp_shard, p.sp).dp_shard
     for role, module in roles.items():
         numel = sum(t.numel() for t in module.parameters())
+        # a LoRA generator trains its adapters only: gradients and moments for those (its frozen base weights are
+        # held like the trainable ones, fp32 shards)
+        trained = sum(t.numel() for t in module.parameters() if t.requires_grad) if role in trainable else 0
         r = RoleStates(role, numel)
         if p.backend == "fsdp2":
             # fp32 master shards; a frozen role is held in the compute dtype (parallel/fsdp.py)
             frozen_bytes = 2 if p.mixed_precision == "bf16" else 4
             r.params = (4 if role in trainable else frozen_bytes) * numel / shards
             if role in trainable:
-                r.grads, r.optimizer = 4 * numel / shards, 8 * numel / shards
+                r.grads, r.optimizer = 4 * trained / shards, 8 * trained / shards
         elif p.backend == "zero3":
             # parameters below the persistence threshold stay whole on every rank
             small = sum(t.numel() for t in module.parameters() if t.numel() < p.zero3_persistence_threshold)
@@ -121,7 +124,11 @@ def model_states(recipe, world_size: int, roles: dict) -> list[RoleStates]:
             param_bytes = 2 if bf16 else 4
             # + one gathered layer (DeepSpeed's estimator counts it at 4 bytes per parameter)
             r.params = param_bytes * (big / world_size + small) + 4 * largest
-            if role in trainable:
+            if role in trainable and trained < numel:   # LoRA: fp32 master + moments of the adapters alone
+                r.grads = param_bytes * trained / world_size
+                r.optimizer = 12 * trained / world_size
+                r.buffers = param_bytes * bucket_elements(trained)
+            elif role in trainable:
                 if bf16:
                     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
                     _, total, _ = estimate_zero3_model_states_mem_needs(
@@ -139,7 +146,7 @@ def model_states(recipe, world_size: int, roles: dict) -> list[RoleStates]:
         else:
             r.params = 4 * numel
             if role in trainable:
-                r.grads, r.optimizer = 4 * numel, 8 * numel
+                r.grads, r.optimizer = 4 * trained, 8 * trained
         if role == "generator":
             r.ema = r.params if p.backend != "zero3" else 4 * numel / world_size
         out.append(r)
@@ -191,10 +198,12 @@ def build_trainer(recipe, dist_info, family, backend=None):
         finally:
             torch.set_default_dtype(default)
 
+    from trainer.stages import build_generator_module
     nets["teacher"] = backend.build_role("teacher", build_frozen, None, trainable=False)
     for role in ("generator", "fake_score"):
         if role in method.trains:
-            nets[role] = backend.build_role(role, family.build_denoiser, None, trainable=True)
+            build = (lambda: build_generator_module(recipe, family)) if role == "generator" else family.build_denoiser
+            nets[role] = backend.build_role(role, build, None, trainable=True)
     if "heads" in method.trains:
         nets["heads"] = backend.build_role("heads", family.build_heads)
     for role in method.trains:
@@ -268,10 +277,12 @@ def plan_memory(recipe, world_size: int, trace: bool = True, traced_peak: float 
     family = build_family(recipe, planning=True)
     method = build_method(recipe.distill.method)
     with torch.device("meta"):
+        from trainer.stages import build_generator_module
         roles = {"teacher": family.build_denoiser()}
         for role in ("generator", "fake_score"):
             if role in method.trains:
-                roles[role] = family.build_denoiser()
+                roles[role] = build_generator_module(recipe, family) if role == "generator" else \
+                    family.build_denoiser()
         if "heads" in method.trains:
             roles["heads"] = family.build_heads()
     states = model_states(recipe, world_size, roles)

@@ -108,8 +108,9 @@ class Zero3Backend(Backend):
 
     def setup_optimizer(self, role: str, cfg) -> None:
         module = self.raw[role]
-        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                      weight_decay=cfg.weight_decay, fused=True)   # fused: takes found_inf
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.lr,
+                                      betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                      fused=True)   # fused: takes found_inf; LoRA: the adapters only
         numel = sum(p.ds_numel for p in module.parameters())
         engine, *_ = self.ds.initialize(model=module, optimizer=optimizer, config=self.ds_config(True, numel))
         self.engines[role] = engine
@@ -169,7 +170,8 @@ class Zero3Backend(Backend):
     # --- EMA -------------------------------------------------------------------------------------------------
     def _local_fp32(self, role: str) -> list[torch.Tensor]:
         from deepspeed.utils import safe_get_local_fp32_param
-        return [safe_get_local_fp32_param(p) for p in self.raw[role].parameters()]
+        # a frozen parameter of a trained role (LoRA's base weights) has no fp32 master: its own partition
+        return [safe_get_local_fp32_param(p) if p.requires_grad else p.ds_tensor for p in self.raw[role].parameters()]
 
     def setup_ema(self, role: str = "generator") -> None:
         self.ema_role = role
@@ -186,8 +188,11 @@ class Zero3Backend(Backend):
             return self._gather_partitions(self.ema_role, self.ema_shards)
         from deepspeed.utils import safe_get_full_fp32_param
         module = self.raw[role]
-        if role in self.optimizers:   # the fp32 master weights
-            return {n: safe_get_full_fp32_param(p).detach().cpu().clone() for n, p in module.named_parameters()}
+        if role in self.optimizers:   # the fp32 master weights (frozen ones of a LoRA role: gathered)
+            frozen = [p for p in module.parameters() if not p.requires_grad]
+            with self.ds.zero.GatheredParameters(frozen, modifier_rank=None):
+                return {n: (safe_get_full_fp32_param(p) if p.requires_grad else p.data.float()).detach().cpu().clone()
+                        for n, p in module.named_parameters()}
         with self.ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return {n: p.detach().cpu().clone() for n, p in module.named_parameters()}
 

@@ -146,6 +146,16 @@ class TeacherConfig(Section):
     sampler_steps: int = Field(32, gt=0, description="steps of the teacher's deterministic sampler in evaluation")
 
 
+class LoraSettings(Section):
+    """LoRA adapters on the generator (trainer/lora.py; peft): the paper's SD3-Medium student."""
+    rank: int = Field(64, gt=0)
+    alpha: float = Field(64.0, gt=0, description="peft's lora_alpha: the update is scaled by alpha / rank")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                                 "to_add_out"],
+        description="layer names that get adapters (the attention projections, image and text streams)")
+
+
 class GeneratorConfig(Section):
     """The student, shared by the pretrain and distill stages."""
     num_steps: int = Field(1, gt=0, description="K: student sampling steps")
@@ -155,6 +165,8 @@ class GeneratorConfig(Section):
         "RF-velocity student)")
     conditioning_timestep: Optional[float] = Field(
         None, description="one-step students only: timestep the network sees on pure-noise input (DMD2 SDXL: 399)")
+    lora: Optional[LoraSettings] = Field(None, description="train LoRA adapters instead of every weight (the "
+                                         "generator starts from the teacher; export fuses them)")
 
 
 class DMDConfig(Section):
@@ -559,6 +571,9 @@ def check_combinations(recipe: Recipe, path: str, provenance: dict) -> None:
             fail("data.real_remote", f"{m.name} on family '{family.name}' needs a real_latents stream",
                  "convert images with `python -m data.convert images ... --vae` and set data.real_remote")
     g = recipe.distill.generator
+    if g.lora is not None and (family.name == "toy" or "pretrain" in recipe.stages or recipe.distill.init_generator):
+        fail("distill.generator.lora", "LoRA adapts a diffusers generator initialised from the teacher (not a toy, "
+             "not after a pretrain stage or from init_generator)", "drop distill.generator.lora")
     if g.conditioning_timestep is not None and g.num_steps != 1:
         fail("distill.generator.conditioning_timestep", "only one-step students take a conditioning timestep",
              "set generator.num_steps: 1 or drop conditioning_timestep")

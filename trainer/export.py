@@ -107,7 +107,13 @@ def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32") ->
     stock = family.denoiser_class.__mro__[1]          # the diffusers class the student subclass extends
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     student = stock.from_config(family.config)
-    load_student_weights(student, path)
+    lora = recipe.distill.generator.lora
+    if lora is not None:   # adapters trained on the frozen base: fused into it, then dropped
+        from trainer.lora import add_lora, fuse
+        load_student_weights(add_lora(student, lora), path)
+        fuse(student)
+    else:
+        load_student_weights(student, path)
     student.to(torch_dtype)
     scheduler, extra = student_scheduler(recipe, denoiser)
     cls = pipeline_class(recipe.family.name)

@@ -10,6 +10,8 @@ copy of the batch. Drawing on the CPU also makes the numbers identical on CPU an
 """
 from __future__ import annotations
 
+import random
+
 import hashlib
 import struct
 from typing import Sequence
@@ -54,9 +56,9 @@ class StepRandom:
         return self._per_sample(purpose, lambda g: torch.rand((), generator=g))
 
     def shared_randint(self, purpose: str, high: int) -> int:
-        """An int in [0, high), the same on every rank (keyed by seed, step and purpose only)."""
-        g = torch.Generator().manual_seed(derive_seed(self.seed, self.step, -1, purpose))
-        return int(torch.randint(high, (), generator=g))
+        """An int in [0, high), the same on every rank (keyed by seed, step and purpose only). Python's generator, not
+        torch's: a host-side integer needs no tensor (and the planner's fake-tensor trace could not read one)."""
+        return random.Random(derive_seed(self.seed, self.step, -1, purpose)).randrange(high)
 
 
 def sample_indices(step: int, global_batch: int, rank: int, world_size: int) -> range:

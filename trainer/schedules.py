@@ -35,7 +35,7 @@ def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return root ** 2
 
 
-def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+def shift_sigma(sigma, shift: float):
     """SD3's timestep shift sigma' = k sigma / (1 + (k - 1) sigma): identity at k = 1, fixes 0 and 1, monotone."""
     return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
@@ -124,13 +124,12 @@ class FlowSchedule(NoiseSchedule):
         sigma = lo_frac + u * (hi_frac - lo_frac)
         return shift_sigma(sigma, self.shift) * NUM_TRAIN_TIMESTEPS
 
+    # python floats, not tensors: these grids are built inside the planner's fake-tensor trace too
     def student_timesteps(self, num_steps):
-        sig = torch.tensor([1.0 - i / num_steps for i in range(num_steps)], dtype=torch.float64)
-        return [float(v) for v in shift_sigma(sig, self.shift) * NUM_TRAIN_TIMESTEPS]
+        return [shift_sigma(1.0 - i / num_steps, self.shift) * NUM_TRAIN_TIMESTEPS for i in range(num_steps)]
 
     def sampler_timesteps(self, num_steps):
-        sig = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-        return [float(v) for v in shift_sigma(sig, self.shift) * NUM_TRAIN_TIMESTEPS]
+        return [shift_sigma(1.0 - i / num_steps, self.shift) * NUM_TRAIN_TIMESTEPS for i in range(num_steps + 1)]
 
 
 def cubic_timesteps(u: torch.Tensor, t_max: float) -> torch.Tensor:

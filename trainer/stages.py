@@ -148,8 +148,15 @@ def build_stage_nets(recipe, run_dir: str, backend, family, method, optimizers: 
     build_denoiser = lambda: apply_attention(family.build_denoiser(), recipe.parallel.attention)  # noqa: E731
     big_roles = tuple(r for r in ("teacher",) if r in method.frozen_roles) + tuple(
         r for r in ("generator", "fake_score") if r in method.trains and not (r == "generator" and generator_init))
+    lora = recipe.distill.generator.lora
     with family.teacher_source(teacher_path(recipe, run_dir)) as source:   # read slice by slice, per rank
         for role in big_roles:
+            if role == "generator" and lora is not None:
+                from trainer.lora import add_lora, lora_source
+                build_adapted = lambda: add_lora(build_denoiser(), lora)  # noqa: E731
+                adapted = lora_source(source, build_adapted, derive_seed(seed, "init_lora"))
+                nets[role] = backend.build_role(role, build_adapted, adapted, trainable=True)
+                continue
             nets[role] = backend.build_role(role, build_denoiser, source, trainable=role != "teacher")
     if generator_init:
         from parallel.loading import StateSource
@@ -167,6 +174,15 @@ def build_stage_nets(recipe, run_dir: str, backend, family, method, optimizers: 
     backend.setup_ema()
     backend.warm_up(family.example_inputs(2, backend.dist.device))
     return Nets(**{role: backend.modules[role] for role in nets})
+
+
+def build_generator_module(recipe, family):
+    """The generator's network as its stage trains it: the family's denoiser, with LoRA adapters when configured."""
+    module = family.build_denoiser()
+    if getattr(recipe.distill.generator, "lora", None) is not None:
+        from trainer.lora import add_lora
+        module = add_lora(module, recipe.distill.generator.lora)
+    return module
 
 
 def load_student_weights(module, path: str) -> None:
@@ -343,7 +359,7 @@ def load_student(run_dir: str, recipe=None):
     from trainer.config import load_recipe
     recipe = recipe or load_recipe(os.path.join(run_dir, "config.yaml"))
     family = build_family(recipe)
-    generator = family.build_denoiser()
+    generator = build_generator_module(recipe, family)
     load_student_weights(generator, stage_student_path(run_dir, final_stage(recipe) or "distill"))
     return recipe, family, build_generator_denoiser(recipe), generator.eval().requires_grad_(False)
 

@@ -80,6 +80,8 @@ def test_tiny_twin_trains_on_two_ranks_and_exports_to_the_stock_pipeline(pipelin
     out = root / f"export_{model}_{backend}"
     assert export_main([str(run_dir), "--out", str(out)]) == 0
     assert export_main([str(run_dir), "--out", str(out)]) == 2          # never overwrites
+    if model == "sd3_medium_tiny":   # its recipe trains LoRA adapters: the base weights are the teacher's, bit for bit
+        check_lora_student(run_dir, folders[model])
     reference = np.load(samples)
     recipe, family, _, _ = load_student(str(run_dir))
     labels = torch.tensor(reference["labels"])
@@ -89,3 +91,14 @@ def test_tiny_twin_trains_on_two_ranks_and_exports_to_the_stock_pipeline(pipelin
     difference = (got - torch.from_numpy(reference["samples"])).abs().max().item()
     assert difference < 1e-4, difference
     assert got.abs().max() > 0.1    # not a degenerate all-zero sample
+
+
+def check_lora_student(run_dir, pipeline):
+    from safetensors.torch import load_file
+    student = load_file(str(run_dir / "distill" / "student.safetensors"))
+    teacher = load_file(os.path.join(pipeline, "transformer", "diffusion_pytorch_model.safetensors"))
+    adapters = [k for k in student if ".lora_" in k]
+    assert adapters and any(student[k].abs().max() > 0 for k in adapters if ".lora_B." in k)   # they trained
+    for key, value in student.items():
+        if ".lora_" not in key:
+            assert torch.equal(value, teacher[key.replace(".base_layer.", ".")]), key

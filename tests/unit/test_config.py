@@ -73,6 +73,8 @@ CASES = {
     "evaluate on a latent family": ("run: {dir: x}\nfamily: {name: sdxl}\nschedule: {prediction: eps}\n"
                                     "teacher: {pretrained: org/model}\nstages: [distill, evaluate]\n", [], "stages",
                                     "trainer.export"),
+    "lora on a toy": ("run: {dir: x}\ndistill:\n  generator: {lora: {rank: 4}}\n", [], "distill.generator.lora",
+                      "drop distill.generator.lora"),
     "pixel discriminator on sd3": ("run: {dir: x}\nfamily: {name: sd3}\ndistill:\n  generator: {prediction: flow}\n"
                                    "teacher: {pretrained: org/model}\ndata: {pairs_remote: s3://b/p}\n"
                                    "stages: [pretrain, distill]\n", [], "pretrain.method.pixel_weight",

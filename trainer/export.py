@@ -1,9 +1,10 @@
-"""`python -m trainer.export RUN_DIR --out DIR [--weights ema|raw] [--dtype fp32|bf16|fp16]`
+"""`python -m trainer.export RUN_DIR --out DIR [--weights ema|raw] [--dtype fp32|bf16|fp16] [--checkpoint latest]`
 
 Writes the run's student as a diffusers pipeline folder that the stock `StableDiffusionXLPipeline`,
 `StableDiffusion3Pipeline` or `CogVideoXPipeline` loads with `from_pretrained`: the teacher pipeline's text encoders,
 tokenizers and VAE (read from `teacher.pretrained`), the student's weights in the stock denoiser class (EMA by
-default; the stage end consolidates them from FSDP2 or ZeRO-3 shards), and a scheduler that reproduces the student's
+default; the stage end consolidates them from FSDP2 or ZeRO-3 shards; `--checkpoint` reads an unfinished run's
+checkpoint of any backend offline, parallel/offline.py), and a scheduler that reproduces the student's
 own K-step sampler (trainer/sampling.py: predict x0, re-noise with fresh noise to the next student time):
 
 - eps / v students (SDXL, CogVideoX): `LCMScheduler` with `original_inference_steps=1000`, whose K timesteps are
@@ -85,24 +86,49 @@ def sampling_arguments(recipe, family, extra: dict) -> dict:
     return args
 
 
-def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32") -> dict:
+def checkpoint_folder(run_dir: str, stage: str, name: str) -> str:
+    """`latest` or a step folder name (step_0000120) of the stage's checkpoints."""
+    root = os.path.join(run_dir, stage, "checkpoints")
+    if name == "latest":
+        pointer = os.path.join(root, "latest")
+        if not os.path.isfile(pointer):
+            raise FileNotFoundError(f"{root}: no checkpoint yet (hint: the stage writes one every "
+                                    f"train.checkpoint_every steps)")
+        with open(pointer) as f:
+            name = f.read().strip()
+    folder = os.path.join(root, name)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such checkpoint (hint: --checkpoint latest, or one of "
+                                f"{sorted(d for d in os.listdir(root) if d.startswith('step_'))})"
+                                if os.path.isdir(root) else f"{root}: no checkpoints")
+    return folder
+
+
+def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32", checkpoint: str | None = None) -> dict:
     import torch
 
     from trainer.config import load_recipe
     from trainer.families import build_family
-    from trainer.stages import (GENERATOR_FILE, build_generator_denoiser, final_stage, load_student_weights,
-                                stage_student_path)
+    from trainer.stages import (GENERATOR_FILE, build_generator_denoiser, build_generator_module, final_stage,
+                                load_student_weights, stage_student_path)
     recipe = load_recipe(os.path.join(run_dir, "config.yaml"))
     if recipe.family.name == "toy":
         raise ValueError("the toy family has no diffusers pipeline (hint: python -m trainer.sample draws its samples)")
     stage = final_stage(recipe) or "distill"
-    path = stage_student_path(run_dir, stage)
-    if weights == "raw":
-        path = os.path.join(run_dir, stage, GENERATOR_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: the {stage} stage has not finished (hint: rerun python -m trainer.main on "
-                                f"the recipe; it resumes and writes the student at the end)")
     family = build_family(recipe)
+    if checkpoint is not None:   # an unfinished run: the weights from a checkpoint of whichever backend wrote it
+        from parallel.offline import checkpoint_weights
+        with torch.device("meta"):
+            shapes = build_generator_module(recipe, family)
+        path = checkpoint_weights(checkpoint_folder(run_dir, stage, checkpoint), shapes, "generator", weights)
+    else:
+        path = stage_student_path(run_dir, stage)
+        if weights == "raw":
+            path = os.path.join(run_dir, stage, GENERATOR_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: the {stage} stage has not finished (hint: rerun python -m trainer.main "
+                                    f"on the recipe, which resumes and writes the student at the end, or export a "
+                                    f"checkpoint with --checkpoint latest)")
     denoiser = build_generator_denoiser(recipe)
     stock = family.denoiser_class.__mro__[1]          # the diffusers class the student subclass extends
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -134,6 +160,8 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help="the EMA student (default) or the "
                         "raw generator weights")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="the student's saved dtype")
+    parser.add_argument("--checkpoint", default=None, help="export an unfinished run from a checkpoint of its last "
+                        "training stage: 'latest' or a step folder (step_0000120), written by any backend")
     args = parser.parse_args(argv)
     config = os.path.join(args.run_dir, "config.yaml")
     if not os.path.isfile(config):
@@ -145,7 +173,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        call = export(args.run_dir, args.out, args.weights, args.dtype)
+        call = export(args.run_dir, args.out, args.weights, args.dtype, args.checkpoint)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

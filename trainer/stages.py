@@ -185,10 +185,13 @@ def build_generator_module(recipe, family):
     return module
 
 
-def load_student_weights(module, path: str) -> None:
-    """A stage's student file into `module`. The files hold parameters only (the EMA is kept for parameters), so
-    buffers the constructor computed (SD3's position table) keep their values; any other difference is an error."""
-    missing, unexpected = module.load_state_dict(load_file(path), strict=False)
+def load_student_weights(module, path_or_state) -> None:
+    """A stage's student file (or a state dict read from a checkpoint) into `module`. They hold parameters only (the
+    EMA is kept for parameters), so buffers the constructor computed (SD3's position table) keep their values; any
+    other difference is an error."""
+    state = load_file(path_or_state) if isinstance(path_or_state, str) else path_or_state
+    path = path_or_state if isinstance(path_or_state, str) else "the checkpoint"
+    missing, unexpected = module.load_state_dict(state, strict=False)
     buffers = {name for name, _ in module.named_buffers()}
     wrong = [k for k in missing if k not in buffers] + list(unexpected)
     if wrong:

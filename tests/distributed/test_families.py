@@ -1,7 +1,8 @@
 """Every family's tiny twin (complete random pipeline folders from trainer.tiny_pipeline) runs 3 ADM steps on 2 real
 processes under FSDP2 and under ZeRO-3 through the real CLI; then its export loads in the stock diffusers pipeline,
-whose output for the same seed and prompts equals `trainer.sample`'s within 1e-4 (fp32). The student read by the
-export was consolidated from the sharded backend at the end of the stage, so both backends' paths are covered."""
+whose output for the same seed and prompts equals `trainer.sample`'s within 1e-4 (fp32). The export reads the student
+consolidated from the sharded backend at the end of the stage, and again offline from the backend's own step-3
+checkpoint (DCP, or ZeRO-3's partitions): both give the same weights."""
 import json
 import os
 import subprocess
@@ -80,6 +81,10 @@ def test_tiny_twin_trains_on_two_ranks_and_exports_to_the_stock_pipeline(pipelin
     out = root / f"export_{model}_{backend}"
     assert export_main([str(run_dir), "--out", str(out)]) == 0
     assert export_main([str(run_dir), "--out", str(out)]) == 2          # never overwrites
+    # the same EMA read back offline from the backend's own step-3 checkpoint (DCP / ZeRO-3 partitions)
+    from_checkpoint = root / f"export_{model}_{backend}_checkpoint"
+    assert export_main([str(run_dir), "--out", str(from_checkpoint), "--checkpoint", "latest"]) == 0
+    same_denoiser(out, from_checkpoint)
     if model == "sd3_medium_tiny":   # its recipe trains LoRA adapters: the base weights are the teacher's, bit for bit
         check_lora_student(run_dir, folders[model])
     reference = np.load(samples)
@@ -102,3 +107,11 @@ def check_lora_student(run_dir, pipeline):
     for key, value in student.items():
         if ".lora_" not in key:
             assert torch.equal(value, teacher[key.replace(".base_layer.", ".")]), key
+
+
+def same_denoiser(a, b):
+    from safetensors.torch import load_file
+    sub = "unet" if (a / "unet").is_dir() else "transformer"
+    x = load_file(str(a / sub / "diffusion_pytorch_model.safetensors"))
+    y = load_file(str(b / sub / "diffusion_pytorch_model.safetensors"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

@@ -22,7 +22,16 @@ def peft_config(cfg):
 
 def add_lora(module, cfg):
     """Adapters on `module`'s target layers (peft freezes everything else); returns the module."""
-    module.add_adapter(peft_config(cfg))
+    from torch._guards import detect_fake_mode
+    if detect_fake_mode() is None:
+        module.add_adapter(peft_config(cfg))
+        return module
+    # the memory planner's fake-tensor trace: peft moves each new adapter to its base layer's device with
+    # `Module.to`, which for fake tensors goes through Module._apply's tensor swap and fails; everything is on the
+    # one (fake CPU) device in the dtype it is built in already, so `to` is the identity while the adapters are added
+    from unittest import mock
+    with mock.patch.object(torch.nn.Module, "to", lambda self, *args, **kwargs: self):
+        module.add_adapter(peft_config(cfg))
     return module
 
 

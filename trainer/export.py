@@ -115,12 +115,13 @@ def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32", ch
     if recipe.family.name == "toy":
         raise ValueError("the toy family has no diffusers pipeline (hint: python -m trainer.sample draws its samples)")
     stage = final_stage(recipe) or "distill"
-    family = build_family(recipe)
     if checkpoint is not None:   # an unfinished run: the weights from a checkpoint of whichever backend wrote it
         from parallel.offline import checkpoint_weights
+        folder = checkpoint_folder(run_dir, stage, checkpoint)
+        family = build_family(recipe)
         with torch.device("meta"):
             shapes = build_generator_module(recipe, family)
-        path = checkpoint_weights(checkpoint_folder(run_dir, stage, checkpoint), shapes, "generator", weights)
+        path = checkpoint_weights(folder, shapes, "generator", weights)
     else:
         path = stage_student_path(run_dir, stage)
         if weights == "raw":
@@ -129,6 +130,7 @@ def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32", ch
             raise FileNotFoundError(f"{path}: the {stage} stage has not finished (hint: rerun python -m trainer.main "
                                     f"on the recipe, which resumes and writes the student at the end, or export a "
                                     f"checkpoint with --checkpoint latest)")
+        family = build_family(recipe)
     denoiser = build_generator_denoiser(recipe)
     stock = family.denoiser_class.__mro__[1]          # the diffusers class the student subclass extends
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]

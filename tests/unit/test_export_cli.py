@@ -27,6 +27,8 @@ def test_export_refuses_bad_input(tmp_path, capsys):
     run = run_dir_with_config(tmp_path, "tiny/sdxl_tiny.yaml", "teacher.pretrained=org/model")
     assert main([run, "--out", str(tmp_path / "out")]) == 2
     assert "has not finished" in one_line(capsys)
+    assert main([run, "--out", str(tmp_path / "out"), "--checkpoint", "latest"]) == 2
+    assert "no checkpoint" in one_line(capsys)
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")

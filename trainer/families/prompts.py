@@ -82,7 +82,9 @@ def encode_prompt_file(recipe, run_dir: str, log) -> str:
         log(f"[prompts] encoded already: {path}")
         return path
     prompts = read_prompts(recipe.family.prompts)
-    family = family_class(recipe.family.name)(recipe.family, recipe.teacher.pretrained, prompt_table={"_": prompts})
+    # the family for its embedding layout only: a placeholder table (one row per prompt) skips the random one
+    family = family_class(recipe.family.name)(recipe.family, recipe.teacher.pretrained,
+                                              prompt_table={"placeholder": torch.empty(len(prompts), 0)})
     pipeline = load_text_pipeline(recipe)
     chunks = []
     for start in tqdm(range(0, len(prompts), CHUNK), desc="[prompts] encoding", unit="chunk"):

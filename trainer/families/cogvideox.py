@@ -95,11 +95,6 @@ class CogVideoXFamily(LatentFamily):
         self.taps = depth_taps(c["num_layers"], cfg.taps)
         self.prompt_length = cfg.prompt_length or c["max_text_seq_length"]
 
-    def build_denoiser(self) -> CogVideoXTransformer:
-        net = CogVideoXTransformer.from_config(self.config)
-        net.tap_blocks = tuple(self.taps)
-        return net
-
     def embedding_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"encoder_hidden_states": (self.prompt_length, self.config["text_embed_dim"])}
 

@@ -14,6 +14,8 @@ Each family subclass names: `denoiser_class` (a subclass of the diffusers class 
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from data.toy import class_labels_for
@@ -30,7 +32,7 @@ def depth_taps(num_layers: int, taps: list[int] | None) -> list[int]:
     return sorted({max(round(num_layers * f) - 1, 0) for f in (0.25, 0.5, 0.75, 1.0)})
 
 
-class LatentFamily:
+class LatentFamily(ABC):
     denoiser_class: type
     subfolder: str           # the denoiser's folder inside a diffusers pipeline
     conditional = True
@@ -51,27 +53,32 @@ class LatentFamily:
         self.num_prompts = len(next(iter(table.values())))
 
     # --- per family ------------------------------------------------------------------------------------------
+    @abstractmethod
     def setup(self) -> None:
         """Derive data_shape and the embedding sizes from self.config."""
-        raise NotImplementedError
 
+    @abstractmethod
     def embedding_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per conditioning input, the shape of one prompt's row (no batch dim)."""
-        raise NotImplementedError
 
     def assemble(self, flat: dict[str, torch.Tensor], batch: int, device) -> dict:
         """Batched flat embeddings -> the denoiser's keyword arguments."""
         return dict(flat)
 
+    @abstractmethod
     def tap_shapes(self) -> list[tuple[int, ...]]:
-        raise NotImplementedError
+        """Per tap, the feature shape the heads see (no batch dim)."""
 
+    @abstractmethod
     def denoiser_units(self, module) -> list:
-        raise NotImplementedError
+        """The denoiser's blocks: its FSDP units."""
 
     # --- roles ----------------------------------------------------------------------------------------------
     def build_denoiser(self):
-        return self.denoiser_class.from_config(self.config)
+        net = self.denoiser_class.from_config(self.config)
+        if hasattr(self, "taps"):          # transformer families stop their taps_only forward after the last tap
+            net.tap_blocks = tuple(self.taps)
+        return net
 
     def teacher_source(self, path: str) -> StateSource:
         """The teacher's weights: a pipeline folder or hub id (the family's subfolder) or a model folder."""

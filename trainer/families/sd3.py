@@ -62,11 +62,6 @@ class SD3Family(LatentFamily):
         self.data_shape = (c["in_channels"], self.latent_size, self.latent_size)
         self.taps = depth_taps(c["num_layers"], self.cfg.taps)
 
-    def build_denoiser(self) -> SD3Transformer:
-        net = SD3Transformer.from_config(self.config)
-        net.tap_blocks = tuple(self.taps)
-        return net
-
     def embedding_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"encoder_hidden_states": (self.cfg.prompt_length, self.config["joint_attention_dim"]),
                 "pooled_projections": (self.config["pooled_projection_dim"],)}

@@ -28,6 +28,8 @@ class Backend:
     """
 
     def __init__(self):
+        from parallel.sequence import SequenceShards
+        self.sequence = SequenceShards()     # this rank's sequence-parallel group (sharded backends with sp > 1)
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
@@ -101,7 +103,7 @@ def build_backend(parallel_cfg, dist_info, family, grad_clip: float, ema_decay: 
         return DataParallelBackend(dist_info, grad_clip=grad_clip, ema_decay=ema_decay)
     if parallel_cfg.backend == "zero3":
         from parallel.zero3 import Zero3Backend
-        return Zero3Backend(dist_info, grad_clip=grad_clip, ema_decay=ema_decay,
+        return Zero3Backend(dist_info, grad_clip=grad_clip, ema_decay=ema_decay, sp=parallel_cfg.sp,
                             mixed_precision=parallel_cfg.mixed_precision,
                             persistence_threshold=parallel_cfg.zero3_persistence_threshold)
     if parallel_cfg.backend == "fsdp2":

@@ -49,5 +49,18 @@ class ParallelDims:
                                 mesh_dim_names=("dp_replicate", "dp_shard", "sp"))
 
     def fsdp_mesh(self, mesh):
-        """The mesh FSDP2 shards over: 1-D dp_shard, or 2-D (dp_replicate, dp_shard) for HSDP."""
-        return mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else mesh["dp_shard"]
+        """The mesh FSDP2 shards over: dp_shard, or with sp > 1 dp_shard x sp as one axis (the SP ranks of a sample
+        hold different shards, and their partial gradients are reduced with the data-parallel ones:
+        parallel/sequence.py says why a mean over dp_shard x sp is the right reduction); 2-D (dp_replicate, that)
+        for HSDP. The merged axis is a mesh of its own over the same row-major rank layout (slicing a `_flatten`ed
+        dim from the root mesh is deprecated in torch 2.13): its process groups are new, the ranks in them the same."""
+        if self.sp == 1:
+            return mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else mesh["dp_shard"]
+        from torch.distributed.device_mesh import init_device_mesh
+        merged = init_device_mesh(mesh.device_type, (self.dp_replicate, self.dp_shard * self.sp),
+                                  mesh_dim_names=("dp_replicate", "dp_shard_sp"))
+        return merged if self.dp_replicate > 1 else merged["dp_shard_sp"]
+
+    def sequence_group(self, mesh):
+        """This rank's sequence-parallel process group."""
+        return mesh["sp"].get_group()

@@ -15,10 +15,21 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    sp: int = 1              # sequence-parallel degree: consecutive ranks of one SP group hold the same samples
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """Which data-parallel slot this rank reads: the SP axis is the mesh's innermost (parallel/dims.py)."""
+        return self.rank // self.sp
+
+    @property
+    def dp_size(self) -> int:
+        """Ranks that see different samples."""
+        return self.world_size // self.sp
 
 
 def _free_port() -> int:

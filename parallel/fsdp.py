@@ -51,6 +51,9 @@ class FSDP2Backend(Backend):
         self.grad_clip, self.ema_decay = grad_clip, ema_decay
         self.mesh = dims.build_mesh(dist_info.device.type)
         self.shard_mesh = dims.fsdp_mesh(self.mesh)
+        if dims.sp > 1:
+            from parallel.sequence import SequenceShards
+            self.sequence = SequenceShards.of_group(dims.sequence_group(self.mesh))
         self.mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                           if mixed_precision == "bf16" else MixedPrecisionPolicy())
         self.offload = CPUOffloadPolicy() if cpu_offload else None

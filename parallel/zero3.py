@@ -51,7 +51,7 @@ def bucket_elements(role_numel: int) -> int:
 
 class Zero3Backend(Backend):
     def __init__(self, dist_info, grad_clip: float = 10.0, ema_decay: float = 0.999, mixed_precision: str = "fp32",
-                 persistence_threshold: int = 0):
+                 persistence_threshold: int = 0, sp: int = 1):
         super().__init__()
         if dist_info.device.type == "cpu":
             from trainer.runtime_env import pin_mmap_threshold
@@ -59,6 +59,14 @@ class Zero3Backend(Backend):
         self.ds = import_deepspeed()
         self.ds.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else "gloo")
         self.dist = dist_info
+        if sp > 1:
+            # SP groups of consecutive ranks (the same layout as FSDP2's mesh). Every role stays partitioned over ALL
+            # ranks and DeepSpeed averages gradients over all of them: the SP ranks' partial gradients sum to SP x the
+            # sample's gradient (parallel/sequence.py), so that mean is the data-parallel mean, with no SP scaling
+            from torch.distributed.device_mesh import init_device_mesh
+            from parallel.sequence import SequenceShards
+            mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size // sp, sp), mesh_dim_names=("dp", "sp"))
+            self.sequence = SequenceShards.of_group(mesh["sp"].get_group())
         self.grad_clip, self.ema_decay = grad_clip, ema_decay
         self.bf16 = mixed_precision == "bf16"
         # parameters below this many elements stay replicated (DeepSpeed's default 1e5); tests use 0 so that every

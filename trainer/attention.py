@@ -27,8 +27,13 @@ def attention_problem(backend: str, device_type: str, family: str) -> str | None
     return None
 
 
-def apply_attention(module: nn.Module, backend: str) -> nn.Module:
-    """Switch a diffusers model's attention processors to the backend (SDPA is already their default)."""
+def apply_attention(module: nn.Module, backend: str, sequence=None) -> nn.Module:
+    """Switch a diffusers model's attention processors to the backend (SDPA is already their default); with an
+    active sequence-parallel group (parallel/sequence.py `SequenceShards`), the family's Ulysses processors instead
+    (config.py allows sp > 1 for CogVideoX with SDPA only). Applied first, before checkpointing and sharding."""
+    if sequence is not None and sequence.active:
+        module.enable_sequence_parallel(sequence)
+        return module
     if backend == "xformers" and hasattr(module, "enable_xformers_memory_efficient_attention"):
         module.enable_xformers_memory_efficient_attention()
     return module

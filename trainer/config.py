@@ -591,7 +591,7 @@ def check_combinations(recipe: Recipe, path: str, provenance: dict) -> None:
              "stabilityai/stable-diffusion-xl-base-1.0 in the local cache")
     p = recipe.parallel
     if p.sp != 1:
-        fail("parallel.sp", "sequence parallelism is not available yet", "set parallel.sp: 1")
+        check_sequence_parallel(recipe, fail)
     if p.backend == "zero3" and (p.dp_replicate != 1 or p.dp_shard not in (-1, 1) or p.cpu_offload):
         fail("parallel.backend", "zero3 shards every role over all ranks (dp_replicate / dp_shard / cpu_offload are "
                                  "FSDP2 settings)", "set parallel.backend: fsdp2 for HSDP or offload")
@@ -603,6 +603,29 @@ def check_combinations(recipe: Recipe, path: str, provenance: dict) -> None:
     if [st for st in STAGE_ORDER if st in recipe.stages] != list(recipe.stages):
         fail("stages", f"stages must be a subset in the order {STAGE_ORDER}", "e.g. [teacher, distill, evaluate]")
     check_pretrain(recipe, fail)
+
+
+def check_sequence_parallel(recipe: Recipe, fail) -> None:
+    """parallel.sp > 1: Ulysses over CogVideoX's video tokens (parallel/sequence.py), in the distill stage, under a
+    sharded backend, with SDPA, and with a head count the SP ranks split evenly."""
+    p, family = recipe.parallel, recipe.family
+    if family.name != "cogvideox":
+        fail("parallel.sp", f"sequence parallelism is implemented for CogVideoX's video tokens, not family "
+             f"'{family.name}'", "set parallel.sp: 1")
+    if p.backend == "data_parallel":
+        fail("parallel.sp", "sequence parallelism needs a sharded backend", "set parallel.backend: fsdp2 or zero3")
+    if p.attention != "sdpa":
+        fail("parallel.attention", "the Ulysses attention runs torch SDPA", "set parallel.attention: sdpa")
+    other = [stage for stage in recipe.stages if stage != "distill"]
+    if other:
+        fail("stages", f"parallel.sp applies to the distill stage only (got {other})",
+             "run the other stages with parallel.sp: 1")
+    from parallel.sequence import check_heads
+    from trainer.families.configs import model_config
+    heads = model_config(family.model, recipe.teacher.pretrained, "transformer").get("num_attention_heads")
+    problem = check_heads(heads or 1, p.sp)
+    if problem:
+        fail("parallel.sp", problem, "pick an sp that divides the head count")
 
 
 def generator_prediction(recipe: Recipe) -> str:

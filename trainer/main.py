@@ -59,16 +59,19 @@ def prepare_run_dir(recipe, log) -> str:
 
 
 def batch_problem(recipe, world_size: int) -> str | None:
-    """One line naming the first batch setting that does not split over `world_size` ranks, or None."""
+    """One line naming the first batch setting that does not split over the data-parallel ranks (`world_size` / sp:
+    the ranks of a sequence-parallel group share their samples), or None."""
+    data_ranks = world_size // recipe.parallel.sp
     for section in ("teacher", "pretrain", "distill"):
         train = getattr(recipe, section).train
-        if train.batch_size % world_size:
-            return (f"{section}.train.batch_size: {train.batch_size} is not divisible by the world size {world_size} "
+        if train.batch_size % data_ranks:
+            return (f"{section}.train.batch_size: {train.batch_size} is not divisible by the {data_ranks} "
+                    f"data-parallel ranks (world size {world_size} / parallel.sp {recipe.parallel.sp}) "
                     f"(hint: change the batch size or the process count)")
-        local = train.batch_size // world_size
+        local = train.batch_size // data_ranks
         if train.micro_batch_size and local % train.micro_batch_size:
             return (f"{section}.train.micro_batch_size: {train.micro_batch_size} does not divide the local batch "
-                    f"{local} (batch_size {train.batch_size} / {world_size} ranks)")
+                    f"{local} (batch_size {train.batch_size} / {data_ranks} data-parallel ranks)")
     return None
 
 

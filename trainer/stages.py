@@ -7,6 +7,7 @@ from its last complete checkpoint. So rerunning the same command is how a run re
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 import json
 import os
 import time
@@ -145,7 +146,8 @@ def build_stage_nets(recipe, run_dir: str, backend, family, method, optimizers: 
     from trainer.attention import apply_attention
     seed = recipe.run.seed
     nets = {}
-    build_denoiser = lambda: apply_attention(family.build_denoiser(), recipe.parallel.attention)  # noqa: E731
+    build_denoiser = lambda: apply_attention(family.build_denoiser(), recipe.parallel.attention,  # noqa: E731
+                                             backend.sequence)
     big_roles = tuple(r for r in ("teacher",) if r in method.frozen_roles) + tuple(
         r for r in ("generator", "fake_score") if r in method.trains and not (r == "generator" and generator_init))
     lora = recipe.distill.generator.lora
@@ -216,6 +218,7 @@ def build_stage_trainer(recipe, run_dir: str, dist_info, stage: str = "distill")
     """The trainer of a training stage: `pretrain` (recipe.pretrain) or `distill` (recipe.distill)."""
     stage_dir = os.path.join(run_dir, stage)
     os.makedirs(stage_dir, exist_ok=True)
+    dist_info = dataclasses.replace(dist_info, sp=recipe.parallel.sp)   # data ranks: dp_rank, dp_size
     section = getattr(recipe, stage)
     family = build_family(recipe)
     denoiser, generator_denoiser = build_denoiser(recipe), build_generator_denoiser(recipe)
@@ -252,8 +255,9 @@ def pairs_data(recipe, run_dir: str, dist_info, global_batch: int):
     from data.streams import TrainingStream
     d = recipe.data
     stream = TrainingStream("ode_pairs", pairs_path(recipe, run_dir), d.pairs_local,
-                            global_batch // dist_info.world_size, recipe.run.seed,
-                            num_canonical_nodes=d.num_canonical_nodes, check_hashes=d.check_hashes,
+                            global_batch // dist_info.dp_size, recipe.run.seed,
+                            num_canonical_nodes=d.num_canonical_nodes, replication=replication(dist_info),
+                            check_hashes=d.check_hashes,
                             workers=d.loader_workers)
     return StreamAdapter(stream, lambda b: (b.noise.float(), b.outputs.float(), b.labels))
 
@@ -264,10 +268,16 @@ def real_data(recipe, family, dist_info, global_batch: int):
     if d.real_remote is None:
         return ToyStream(family.dataset, recipe.run.seed)
     from data.streams import TrainingStream
-    stream = TrainingStream("real_latents", d.real_remote, d.real_local, global_batch // dist_info.world_size,
-                            recipe.run.seed, num_canonical_nodes=d.num_canonical_nodes, check_hashes=d.check_hashes,
+    stream = TrainingStream("real_latents", d.real_remote, d.real_local, global_batch // dist_info.dp_size,
+                            recipe.run.seed, num_canonical_nodes=d.num_canonical_nodes,
+                            replication=replication(dist_info), check_hashes=d.check_hashes,
                             workers=d.loader_workers)
     return StreamAdapter(stream, lambda b: (b.latents.float(), b.labels))
+
+
+def replication(dist_info) -> int | None:
+    """Streaming's `replication`: the ranks of one sequence-parallel group read the same samples."""
+    return dist_info.sp if dist_info.sp > 1 else None
 
 
 class StreamAdapter:

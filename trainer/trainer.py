@@ -71,9 +71,10 @@ class DistillTrainer:
         self.samples_seen = 0
         self.device_hours = 0.0          # world size x wall time over every attempt of this stage (extra_state)
         self.last_histograms: dict[str, torch.Tensor] = {}
-        if loop.batch_size % dist_info.world_size:
-            raise ValueError(f"batch_size {loop.batch_size} is not divisible by world size {dist_info.world_size}")
-        local_batch = loop.batch_size // dist_info.world_size
+        if loop.batch_size % dist_info.dp_size:
+            raise ValueError(f"batch_size {loop.batch_size} is not divisible by the {dist_info.dp_size} data-parallel "
+                             f"ranks")
+        local_batch = loop.batch_size // dist_info.dp_size
         if loop.micro_batch_size and local_batch % loop.micro_batch_size:
             raise ValueError(f"micro_batch_size {loop.micro_batch_size} does not divide the local batch {local_batch}")
 
@@ -108,7 +109,7 @@ class DistillTrainer:
         real: (x, labels) of those samples, when the caller already drew them (micro-batches slice one draw)."""
         loop, info = self.loop, self.dist
         if indices is None:
-            indices = sample_indices(step, loop.batch_size, info.rank, info.world_size)
+            indices = sample_indices(step, loop.batch_size, info.dp_rank, info.dp_size)
         rand = StepRandom(loop.seed, step, indices, info.device)
         labels = self.family.prompt_labels(indices, loop.seed).to(info.device)
         ctx = StepContext(nets=self.nets, denoiser=self.denoiser, rand=rand, step=step,
@@ -136,7 +137,7 @@ class DistillTrainer:
         index: accumulation changes only the arithmetic's grouping, never which noise meets which sample. The real
         stream is read once per step (it owns the data position) and dealt the same way."""
         loop, info = self.loop, self.dist
-        indices = sample_indices(step, loop.batch_size, info.rank, info.world_size)
+        indices = sample_indices(step, loop.batch_size, info.dp_rank, info.dp_size)
         size = loop.micro_batch_size or len(indices)
         if size == len(indices):
             return [self.make_context(step, indices)]

@@ -64,5 +64,5 @@ def test_batch_not_divisible_by_world_size_is_a_clear_error(tmp_path):
                              "-m", "trainer.main", SMOKE, f"run.dir={tmp_path}/run", "distill.train.batch_size=33"],
                             env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert "is not divisible by the world size 2" in result.stderr
+    assert "is not divisible by the 2 data-parallel ranks (world size 2" in result.stderr
     assert "Traceback" not in result.stderr.split("error:")[0][-200:]

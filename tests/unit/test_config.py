@@ -34,6 +34,10 @@ def test_shipped_recipes_validate():
                 load_recipe(path, ["teacher.pretrained=stabilityai/stable-diffusion-xl-base-1.0"] if tiny_twin else [])
 
 
+# a CogVideoX tiny twin's distill stage (2 attention heads)
+COGVIDEOX = ("run: {dir: x}\nfamily: {name: cogvideox, model: cogvideox_2b_tiny, frames: 9, height: 64, width: 64}\n"
+             "schedule: {prediction: v, zero_terminal_snr: true}\nteacher: {pretrained: org/model}\n"
+             "stages: [distill]\n")
 CASES = {
     "unknown key": ("run: {dir: x}\ndistill:\n  train: {stepz: 5, batch_size: 2}\n", [], "distill.train.stepz",
                     "did you mean 'steps'"),
@@ -79,6 +83,16 @@ CASES = {
                                    "teacher: {pretrained: org/model}\ndata: {pairs_remote: s3://b/p}\n"
                                    "stages: [pretrain, distill]\n", [], "pretrain.method.pixel_weight",
                                    "no pixel discriminator"),
+    "sequence parallel on sdxl": ("run: {dir: x}\nfamily: {name: sdxl}\nschedule: {prediction: eps}\n"
+                                  "teacher: {pretrained: org/model}\nstages: [distill]\n"
+                                  "parallel: {backend: fsdp2, sp: 2}\n", [], "parallel.sp", "CogVideoX"),
+    "sequence parallel without sharding": (COGVIDEOX + "parallel: {sp: 2}\n", [], "parallel.sp", "fsdp2 or zero3"),
+    "sequence parallel with xformers": (COGVIDEOX + "parallel: {backend: zero3, sp: 2, attention: xformers}\n", [],
+                                        "parallel.attention", "sdpa"),
+    "sequence parallel heads": (COGVIDEOX + "parallel: {backend: fsdp2, sp: 4}\n", [], "parallel.sp",
+                                "2 attention heads do not split over parallel.sp = 4"),
+    "sequence parallel stages": (COGVIDEOX.replace("[distill]", "[collect, distill]") +
+                                 "parallel: {backend: fsdp2, sp: 2}\n", [], "stages", "distill stage only"),
 }
 
 

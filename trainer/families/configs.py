@@ -23,3 +23,14 @@ def build_on_meta(name: str):
     kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
         return cls(**kwargs)
+
+
+def model_config(name: str, pretrained: str | None = None, subfolder: str | None = None) -> dict:
+    """The denoiser's config: a local pretrained folder's own (`subfolder`/config.json when present), else the
+    checked-in `name` (for hub ids too: checks must not download, and the checked-in configs mirror them)."""
+    if pretrained and os.path.isdir(pretrained):
+        folder = os.path.join(pretrained, subfolder) if subfolder and os.path.isdir(
+            os.path.join(pretrained, subfolder)) else pretrained
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f)
+    return load_config(name)

@@ -19,7 +19,8 @@
 2. Activations and transients (all-gathered units, autograd buffers, temporaries): one real method step traced
    under fake tensors (`FakeTensorMode`: shapes only, no memory, no compute) on a fake process group of N ranks,
    with torch's `MemTracker` (torch.distributed._tools) counting live tensor bytes op by op, under FSDP2 (or plain
-   data parallel) with the recipe's mixed precision and activation checkpointing. Two steps are traced so that the
+   data parallel) with the recipe's mixed precision and activation checkpointing; with sp > 1 the Ulysses
+   all-to-alls run on the fake group too, so the trace holds this rank's token shard. Two steps are traced so that the
    optimizer's moments exist. For ZeRO-3 the traced peak minus FSDP2's own model states is added to ZeRO-3's model
    states (the activations are the same tensors).
 
@@ -101,7 +102,8 @@ def model_states(recipe, world_size: int, roles: dict) -> list[RoleStates]:
     trainable = set(roles) - {"teacher"}
     out = []
     if p.backend == "fsdp2":
-        shards = ParallelDims.resolve(world_size, p.dp_replicate, p.dp_shard, p.sp).dp_shard
+        dims = ParallelDims.resolve(world_size, p.dp_replicate, p.dp_shard, p.sp)
+        shards = dims.dp_shard * dims.sp     # sequence-parallel ranks hold shards too (parallel/dims.py)
     for role, module in roles.items():
         numel = sum(t.numel() for t in module.parameters())
         # a LoRA generator trains its adapters only: gradients and moments for those (its frozen base weights are
@@ -248,7 +250,7 @@ def trace_step(recipe, world_size: int, steps: int = 2) -> tuple[float, dict]:
     if need_group:
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
-        info = DistInfo(0, world_size, 0, torch.device("cpu"))
+        info = DistInfo(0, world_size, 0, torch.device("cpu"), sp=traced.parallel.sp)
         family = build_family(traced, planning=True)
         train = traced.distill.train
         # the backend (and its device mesh) is built outside fake mode: mesh set-up reads real tensors
@@ -286,7 +288,7 @@ def plan_memory(recipe, world_size: int, trace: bool = True, traced_peak: float 
         if "heads" in method.trains:
             roles["heads"] = family.build_heads()
     states = model_states(recipe, world_size, roles)
-    local_batch = recipe.distill.train.batch_size // world_size
+    local_batch = recipe.distill.train.batch_size // (world_size // recipe.parallel.sp)   # per data-parallel rank
     plan = MemoryPlan(recipe.parallel.backend, world_size, local_batch, states, 0.0, 0.0,
                       recipe.parallel.gpu_memory_gib, micro_batch=recipe.distill.train.micro_batch_size)
     if trace:

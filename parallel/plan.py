@@ -191,12 +191,18 @@ def build_trainer(recipe, dist_info, family, backend=None):
     nets = {}
     frozen_dtype = torch.bfloat16 if recipe.parallel.mixed_precision == "bf16" else torch.float32
 
+    def sequence_parallel(module):
+        """The Ulysses processors when the backend has a sequence-parallel group (as stages.build_stage_nets)."""
+        if backend.sequence.active:
+            module.enable_sequence_parallel(backend.sequence)
+        return module
+
     def build_frozen():
         """The teacher built directly in the dtype FSDP2 holds frozen roles in (fake tensors cannot be cast)."""
         default = torch.get_default_dtype()
         torch.set_default_dtype(frozen_dtype)
         try:
-            return family.build_denoiser()
+            return sequence_parallel(family.build_denoiser())
         finally:
             torch.set_default_dtype(default)
 
@@ -205,7 +211,8 @@ def build_trainer(recipe, dist_info, family, backend=None):
     for role in ("generator", "fake_score"):
         if role in method.trains:
             build = (lambda: build_generator_module(recipe, family)) if role == "generator" else family.build_denoiser
-            nets[role] = backend.build_role(role, build, None, trainable=True)
+            nets[role] = backend.build_role(role, lambda build=build: sequence_parallel(build()), None,
+                                            trainable=True)
     if "heads" in method.trains:
         nets["heads"] = backend.build_role("heads", family.build_heads)
     for role in method.trains:

@@ -61,7 +61,9 @@ class SequenceShards:
             return tokens
         chunk = self.local_length(tokens.shape[1])
         padded = F.pad(tokens, (0, 0, 0, chunk * self.size - tokens.shape[1]))
-        return padded.narrow(1, self.rank * chunk, chunk)
+        # a copy, not a view: a view would keep the whole padded sequence alive for as long as the chunk is saved
+        # for backward (activation checkpointing saves every block input), which is what SP exists to avoid
+        return padded.narrow(1, self.rank * chunk, chunk).clone()
 
     def gather(self, tokens: torch.Tensor, length: int) -> torch.Tensor:
         """Chunks [B, ceil(S/P), D] -> [B, S, D] on every SP rank (backward: reduce-scatter SUM of the P ranks'

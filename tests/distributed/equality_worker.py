@@ -30,6 +30,8 @@ FAMILIES = {
 }
 
 CASES = [(family, method) for family in FAMILIES for method in ("dmd", "dmd2", "adm")] + [("toy", "adp")]
+if os.environ.get("EQUALITY_CASES"):   # manual checks: a subset, e.g. "sdxl_adm toy_adm"
+    CASES = [c for c in CASES if f"{c[0]}_{c[1]}" in os.environ["EQUALITY_CASES"].split()]
 PRETRAIN = [f"data.pairs_remote={pairs}", "stages=[pretrain]", "pretrain.train.batch_size=8",
             "pretrain.train.micro_batch_size=4", f"pretrain.train.steps={STEPS}"]
 

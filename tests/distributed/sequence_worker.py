@@ -10,6 +10,7 @@
    and the shapes of every call's transformer-block input.
 
 Usage: torchrun --nproc-per-node 2 sequence_worker.py BACKEND OUT_DIR TINY_PIPELINE [attention]
+(SEQUENCE_WORKER_OVERRIDES: more recipe overrides, space-separated, for manual checks)
 """
 import json
 import os
@@ -80,7 +81,7 @@ def train(sp: int) -> dict:
         f"run.dir={run_dir}", f"teacher.pretrained={pipeline}", "family.height=48", "family.width=48",
         f"parallel.backend={backend}", f"parallel.sp={sp}", "parallel.zero3_persistence_threshold=0",
         "distill.train.batch_size=4", "distill.train.micro_batch_size=2", f"distill.train.steps={STEPS}",
-        "distill.method.ttur=1"])
+        "distill.method.ttur=1", *os.environ.get("SEQUENCE_WORKER_OVERRIDES", "").split()])
     t = build_stage_trainer(recipe, run_dir, info, "distill")
     block_inputs = set()
     for role in ("teacher", "fake_score", "generator"):

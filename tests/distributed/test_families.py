@@ -63,9 +63,11 @@ def stock_output(export_dir, family, labels, seed):
 
 
 # SDXL's ADM steps under ZeRO-3 run in tests/distributed/test_dmdx_sdxl.py (after ADP, from its student); the
-# SDXL case here under FSDP2 covers the DMD2-style eps student's export (41 s of CI saved)
+# SDXL case here under FSDP2 covers the DMD2-style eps student's export (41 s of CI saved). CogVideoX-5B's ADM steps
+# under ZeRO-3 run in tests/distributed/test_sequence_parallel.py (SP = 1 and 2); its export is checked here under
+# FSDP2, and ZeRO-3's partitions are exported for the other families (25 s saved)
 CASES = [(model, backend) for model in sorted(RUNS) for backend in ("fsdp2", "zero3")
-         if (model, backend) != ("sdxl_tiny", "zero3")]
+         if (model, backend) not in (("sdxl_tiny", "zero3"), ("cogvideox_5b_tiny", "zero3"))]
 
 
 @pytest.mark.parametrize("model,backend", CASES)

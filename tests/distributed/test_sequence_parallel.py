@@ -5,7 +5,8 @@
   gradients); every transformer-block input is [B, ceil(S/P), D]; after one tiny-CogVideoX-5B ADM step with SP = 2
   every role's gradients (full tensors) and the losses of steps 1 and 2 equal SP = 1's within 1e-5.
   S = 27 video tokens, so the last chunk is padded.
-- 4 processes: dp_shard = 2 x sp = 2 trains 3 steps through the real CLI and writes its checkpoint.
+- 4 processes: dp_shard = 2 x sp = 2 trains 3 steps through the real CLI and writes its checkpoint; the student
+  exports, from the end of the stage and from that checkpoint, with the same weights.
 """
 import json
 import os
@@ -84,3 +85,9 @@ def test_four_ranks_dp2_by_sp2_train_and_checkpoint(pipeline):
     assert (checkpoints / "latest").read_text().strip() == "step_0000003"
     extra = json.loads((checkpoints / "step_0000003" / "extra.json").read_text())
     assert extra["step"] == 3 and extra["world_size"] == 4
+    # the student consolidated from the dp_shard x sp mesh exports, and the checkpoint's EMA is the same
+    from tests.distributed.test_families import same_denoiser
+    from trainer.export import main as export_main
+    assert export_main([str(run_dir), "--out", str(root / "export")]) == 0
+    assert export_main([str(run_dir), "--out", str(root / "export_checkpoint"), "--checkpoint", "latest"]) == 0
+    same_denoiser(root / "export", root / "export_checkpoint")

@@ -76,7 +76,9 @@ class CogVideoXTransformer(CogVideoXTransformer3DModel):
         emb = self.time_embedding(self.time_proj(timestep).to(dtype=sample.dtype), None)
         hidden = self.embedding_dropout(self.patch_embed(encoder_hidden_states, sample))
         text_length = encoder_hidden_states.shape[1]
-        context, hidden = hidden[:, :text_length], hidden[:, text_length:]
+        # the text rows copied out of the joint embedding: as a view they would keep all of [B, L + S, D] alive while
+        # the first block's input is saved for backward, undoing the token split
+        context, hidden = hidden[:, :text_length].clone(), hidden[:, text_length:]
         video_length = hidden.shape[1]
         hidden = shards.shard(hidden)                                   # [B, ceil(S/P), D]
         attention_kwargs = {"video_length": video_length} if shards.active else None

@@ -7,11 +7,17 @@ from tests.helpers import distill_trainer
 
 
 def step_zero(trainer) -> tuple[dict, dict]:
-    """Per phase: the loss and every updated role's gradients of step 0 (before clipping)."""
+    """Per phase: the loss and every updated role's gradients of step 0 (before clipping). Checks on the way that
+    under accumulation no micro-batch's generator graph outlives a critic phase, and that the generator's phase
+    makes it again (trainer.phase_backward)."""
     losses, grads = {}, {}
     contexts = trainer.micro_contexts(0)
+    generator_ran = False     # after the generator's phase its (freed) graph stays attached: nothing is held
     for phase in trainer.method.phases(0):
         out = trainer.phase_backward(phase, contexts)
+        generator_ran = generator_ran or "generator" in phase.updates
+        held = [c._generator_x0.grad_fn is not None for c in contexts]
+        assert all(held) if len(contexts) == 1 or generator_ran else not any(held), (phase.name, held)
         losses[phase.name] = out.loss.item()
         for role in phase.updates:
             grads[f"{phase.name}/{role}"] = {n: p.grad.clone() for n, p in trainer.nets.role(role).named_parameters()}

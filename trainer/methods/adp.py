@@ -51,10 +51,12 @@ class ADP(Method):
         return ctx.student_denoiser.add_noise(ctx.pair_output, ctx.pair_noise, t)
 
     def student_prediction(self, ctx: StepContext):
-        """The generator's prediction on this step's pairs, computed once and shared by both phases."""
-        if ctx._generator_x0 is None:
+        """The generator's prediction on this step's pairs, computed once and shared by both phases (made again with
+        its graph when a critic phase made it without: StepContext.keep_generator_graph)."""
+        with_graph = ctx.generator_trains and ctx.keep_generator_graph
+        if ctx._generator_x0 is None or (with_graph and ctx._generator_x0.grad_fn is None):
             t = self.student_times(ctx)
-            with torch.set_grad_enabled(ctx.generator_trains):
+            with torch.set_grad_enabled(with_graph):
                 ctx._generator_prediction = ctx.student_denoiser.predict(
                     ctx.nets.generator, self.student_input(ctx, t), t, ctx.cond)
             ctx._generator_x0 = ctx._generator_prediction.x0

@@ -67,6 +67,10 @@ class StepContext:
     student_timesteps: list[float] = field(default_factory=list)
     conditioning_timestep: Optional[float] = None
     generator_trains: bool = False  # the generator's sample keeps its graph only when the generator updates
+    # False while a critic phase runs under gradient accumulation (trainer.phase_backward): the sample is then made
+    # without its graph and made again, with it, from the cached input by the generator's phase
+    keep_generator_graph: bool = True
+    _generator_input: Optional[tuple[torch.Tensor, int]] = None   # (x_{t_k}, k) of the backward simulation
     _generator_x0: Optional[torch.Tensor] = None
     _generator_prediction: Optional[object] = None   # ADP: the generator's full Prediction (native view for its MSE)
 
@@ -83,14 +87,20 @@ class StepContext:
         """The generator's x0 [B, ...] for this step, computed once and shared by the phases (critics detach it).
 
         One-step: pure noise in. Multi-step: backward simulation with k ~ U{0..K-1} shared by all ranks
-        (keyed by (seed, step) only), the prefix under no_grad, fresh noise at every re-noise (DMD2 §3)."""
-        if self._generator_x0 is None:
+        (keyed by (seed, step) only), the prefix under no_grad, fresh noise at every re-noise (DMD2 §3).
+
+        A sample made without its graph (keep_generator_graph False) is made again from the cached prefix when a
+        later phase wants the graph: the same weights and input give the same values, for one more generator call."""
+        if self._generator_input is None:
             num_steps = len(self.student_timesteps)
             k = self.rand.shared_randint("backward_simulation_k", num_steps) if num_steps > 1 else 0
             noise_fn = lambda i: self.rand.normal(f"student_noise_{i}", self.data_shape)  # noqa: E731
-            x = student_input(self.student_denoiser, self.nets.generator, self.cond, self.student_timesteps, noise_fn, k,
-                              self.conditioning_timestep)
-            with torch.set_grad_enabled(self.generator_trains):
+            self._generator_input = (student_input(self.student_denoiser, self.nets.generator, self.cond,
+                                                   self.student_timesteps, noise_fn, k, self.conditioning_timestep), k)
+        with_graph = self.generator_trains and self.keep_generator_graph
+        if self._generator_x0 is None or (with_graph and self._generator_x0.grad_fn is None):
+            x, k = self._generator_input
+            with torch.set_grad_enabled(with_graph):
                 self._generator_x0 = student_predict(self.student_denoiser, self.nets.generator, x,
                                                      self.student_timesteps[k], self.cond,
                                                      self.conditioning_timestep)

@@ -3,8 +3,9 @@ generator, fake score, heads), from the meta device; no weights.
 
     python benchmarks/plan_table.py [--batch-per-gpu 2] [--gpus 8 64]
 
-SDXL has a family (trainer/families/sdxl.py), so its step is traced for activations (minutes on a CPU per GPU
-count). SD3-Medium and CogVideoX-2B get model states only until their families land (issue #6).
+SDXL's step is traced for activations (minutes on a CPU per GPU count). SD3-Medium and CogVideoX-2B get model states
+only here (their traces take 5-15 CPU minutes each: `python -m trainer.main RECIPE --dry-run` on their recipes, or
+benchmarks/recipe_memory.py, traces them).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def main() -> int:
           "ZeRO-3 total |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for label, gpus, f_states, z_states, acts, f_total, z_total in rows:
-        cell = (lambda v: f"{v / GIB:.1f}" if v is not None else "not traced (no family yet)")
+        cell = (lambda v: f"{v / GIB:.1f}" if v is not None else "not traced here")
         print(f"| {label} | {gpus} | {f_states / GIB:.1f} | {z_states / GIB:.1f} | {cell(acts)} | {cell(f_total)} | "
               f"{cell(z_total)} |")
     return 0

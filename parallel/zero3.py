@@ -65,7 +65,8 @@ class Zero3Backend(Backend):
             # sample's gradient (parallel/sequence.py), so that mean is the data-parallel mean, with no SP scaling
             from torch.distributed.device_mesh import init_device_mesh
             from parallel.sequence import SequenceShards
-            mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size // sp, sp), mesh_dim_names=("dp", "sp"))
+            mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size // sp, sp),
+                                    mesh_dim_names=("dp", "sp"))
             self.sequence = SequenceShards.of_group(mesh["sp"].get_group())
         self.grad_clip, self.ema_decay = grad_clip, ema_decay
         self.bf16 = mixed_precision == "bf16"

@@ -160,13 +160,13 @@ class DistillTrainer:
         autocast = (torch.autocast(self.dist.device.type, dtype=torch.bfloat16) if self.loop.bf16
                     else self.backend.compute_context())
         losses, metrics, histograms = [], defaultdict(list), defaultdict(list)
-        # backward inside the frozen context too: activation checkpointing recomputes forwards during backward,
-        # and they must see the same requires_grad flags as the original forward
         # Under accumulation a critic phase makes each micro-batch's generator sample without its graph: kept, the
         # graphs of all micro-batches would live until the generator's phase, so activation memory would grow with
         # the micro-batch count (the planner measured 2x at 2 micro-batches on CogVideoX-5B). Cost: the generator's
         # phase calls the generator once more per micro-batch (the backward-simulation prefix is cached).
         release_graph = len(contexts) > 1 and "generator" not in phase.updates
+        # backward inside the frozen context too: activation checkpointing recomputes forwards during backward,
+        # and they must see the same requires_grad flags as the original forward
         with self.backend.frozen(frozen):
             for ctx in contexts:
                 ctx.keep_generator_graph = not release_graph

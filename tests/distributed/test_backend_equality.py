@@ -144,8 +144,8 @@ def test_two_ranks_equal_one_process(inputs, backend):
         one = json.loads((out / f"{case}_data_parallel_1.json").read_text())
         two = json.loads((out / f"{case}_{backend}_2.json").read_text())
         failures += compare(
-            one, two, torch.load(out / f"{case}_data_parallel_1_grads.pt"), torch.load(out / f"{case}_{backend}_2_grads.pt"),
-            f"{backend} {case}",
+            one, two, torch.load(out / f"{case}_data_parallel_1_grads.pt"),
+            torch.load(out / f"{case}_{backend}_2_grads.pt"), f"{backend} {case}",
             lambda step, key: 5e-2 if ADAM_AMPLIFIED.get(case) == key and step >= 3 else 1e-4,
             lambda phase_role: 1e-3 if phase_role in CANCELLATION.get(case, ()) else 1e-5)
         for role, full in one["local_param_bytes"].items():

@@ -73,3 +73,24 @@ def tiny_sdxl_pipeline(folder: str) -> str:
     vae = {k: v for k, v in load_config("sdxl_vae_tiny").items() if not k.startswith("_")}
     AutoencoderKL.from_config(vae).save_pretrained(os.path.join(folder, "vae"))
     return folder
+
+
+def recorded_steps(trainer, steps: int) -> tuple[dict, dict]:
+    """Run `steps` steps phase by phase (as DistillTrainer.train_step) and record ({phase/role: step-0 full
+    gradients before clipping}, {step: rank-reduced losses}). Collective under sharded backends: call on all ranks."""
+    from collections import defaultdict
+    grads, losses = {}, {}
+    for step in range(steps):
+        sums = defaultdict(list)
+        contexts = trainer.micro_contexts(step)
+        for phase in trainer.method.phases(step):
+            out = trainer.phase_backward(phase, contexts)
+            if step == 0:
+                for role in phase.updates:
+                    grads[f"{phase.name}/{role}"] = trainer.backend.full_grads(role)
+            trainer.backend.clip_and_step(phase.updates)
+            if "generator" in phase.updates:
+                trainer.backend.ema_update()
+            sums[f"loss/{phase.name}"].append(out.loss.detach())
+        losses[step] = trainer.reduce_metrics(sums)
+    return grads, losses

@@ -8,7 +8,6 @@ Usage (torchrun or alone): equality_worker.py BACKEND OUT_DIR TOY_TEACHER SDXL_T
 import json
 import os
 import sys
-from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -16,6 +15,7 @@ import trainer  # noqa: E402,F401
 import torch  # noqa: E402
 
 from parallel.distributed import init_distributed  # noqa: E402
+from tests.helpers import recorded_steps  # noqa: E402
 from trainer.config import load_recipe  # noqa: E402
 from trainer.stages import build_stage_trainer, ensure_pixel_backbone  # noqa: E402
 
@@ -48,20 +48,7 @@ for family, method in CASES:
     if stage == "pretrain":
         ensure_pixel_backbone(recipe, run_dir, info, lambda message: None)
     t = build_stage_trainer(recipe, run_dir, info, stage)
-    grads, losses = {}, {}
-    for step in range(STEPS):
-        sums = defaultdict(list)
-        contexts = t.micro_contexts(step)
-        for phase in t.method.phases(step):
-            out = t.phase_backward(phase, contexts)
-            if step == 0:
-                for role in phase.updates:
-                    grads[f"{phase.name}/{role}"] = t.backend.full_grads(role)   # collective
-            t.backend.clip_and_step(phase.updates)
-            if "generator" in phase.updates:
-                t.backend.ema_update()
-            sums[f"loss/{phase.name}"].append(out.loss.detach())
-        losses[step] = t.reduce_metrics(sums)
+    grads, losses = recorded_steps(t, STEPS)
     local_bytes = {role: t.backend.local_param_bytes(role) for role in t.nets.present()}
     if info.is_main:
         torch.save(grads, os.path.join(out_dir, f"{case}_{backend}_{info.world_size}_grads.pt"))

@@ -15,7 +15,6 @@ Usage: torchrun --nproc-per-node 2 sequence_worker.py BACKEND OUT_DIR TINY_PIPEL
 import json
 import os
 import sys
-from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -25,6 +24,7 @@ import torch.distributed as dist  # noqa: E402
 
 from parallel.distributed import init_distributed  # noqa: E402
 from parallel.sequence import SequenceShards  # noqa: E402
+from tests.helpers import recorded_steps  # noqa: E402
 from trainer.config import load_recipe  # noqa: E402
 from trainer.stages import build_stage_trainer  # noqa: E402
 
@@ -88,20 +88,7 @@ def train(sp: int) -> dict:
         block = getattr(t.nets, role).transformer_blocks[0]
         block.register_forward_pre_hook(lambda m, args, kwargs: block_inputs.add(tuple(kwargs["hidden_states"].shape)),
                                         with_kwargs=True)
-    grads, losses = {}, {}
-    for step in range(STEPS):
-        sums = defaultdict(list)
-        contexts = t.micro_contexts(step)
-        for phase in t.method.phases(step):
-            out = t.phase_backward(phase, contexts)
-            if step == 0:
-                for role in phase.updates:
-                    grads[f"{phase.name}/{role}"] = t.backend.full_grads(role)   # collective
-            t.backend.clip_and_step(phase.updates)
-            if "generator" in phase.updates:
-                t.backend.ema_update()
-            sums[f"loss/{phase.name}"].append(out.loss.detach())
-        losses[step] = t.reduce_metrics(sums)
+    grads, losses = recorded_steps(t, STEPS)
     if info.is_main:
         torch.save(grads, os.path.join(out_dir, f"{backend}_sp{sp}_grads.pt"))
     return {"losses": losses, "block_inputs": sorted(block_inputs)}

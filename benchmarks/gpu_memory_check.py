@@ -18,14 +18,16 @@ from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import trainer  # noqa: E402,F401
+from parallel.runtime_env import apply_runtime_defaults  # noqa: E402
+apply_runtime_defaults()
 import torch  # noqa: E402
 
 RECIPE = os.path.join(ROOT, "recipes", "tiny", "sdxl_tiny.yaml")
 PLAN = """
 import json, sys
-import trainer
-from parallel.plan import plan_memory
+from parallel.runtime_env import apply_runtime_defaults
+apply_runtime_defaults()
+from trainer.memory_plan import plan_memory
 from trainer.config import load_recipe
 plan = plan_memory(load_recipe(sys.argv[1], sys.argv[3:]), 1)
 print(plan.format())
@@ -56,7 +58,7 @@ def main() -> int:
     plan_seconds = time.perf_counter() - t0
 
     from parallel.distributed import init_distributed
-    from parallel.plan import _StepTracker, build_trainer
+    from trainer.memory_plan import _StepTracker, build_trainer
     from trainer.config import load_recipe
     from trainer.families import build_family
     recipe = load_recipe(RECIPE, overrides)

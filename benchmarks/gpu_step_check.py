@@ -4,7 +4,7 @@ the peak memory beside the planner's prediction.
 
     python benchmarks/gpu_step_check.py [--model sdxl] [--resolution 1024] [--batch 1] [--steps 3] [--plan-gib G]
 
-- Trainer step: `DistillTrainer.train_step` under FSDP2 on one rank with bf16 mixed precision (what a recipe runs),
+- Trainer step: `StageTrainer.train_step` under FSDP2 on one rank with bf16 mixed precision (what a recipe runs),
   timed from the start of the step to the end of its last kernel.
 - Passes: GPU time inside every role's forward (CUDA events recorded by forward pre/post hooks on each role's root
   module) plus inside every backward (events around `backend.backward`). Events do not synchronise the host, so the
@@ -25,7 +25,8 @@ from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import trainer  # noqa: E402,F401
+from parallel.runtime_env import apply_runtime_defaults  # noqa: E402
+apply_runtime_defaults()
 import torch  # noqa: E402
 
 RECIPE = os.path.join(ROOT, "recipes", "tiny", "sdxl_tiny.yaml")
@@ -84,7 +85,7 @@ def main() -> int:
                  f"family.resolution={resolution}", f"distill.train.steps={args.steps + 1}", *args.overrides]
 
     from parallel.distributed import init_distributed
-    from parallel.plan import build_trainer
+    from trainer.memory_plan import build_trainer
     from trainer.config import load_recipe
     from trainer.families import build_family
     recipe = load_recipe(RECIPE, overrides)

@@ -15,9 +15,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import trainer  # noqa: E402,F401
+from parallel.runtime_env import apply_runtime_defaults  # noqa: E402
+apply_runtime_defaults()
 
-from parallel.plan import GIB, model_states, plan_memory  # noqa: E402
+from trainer.memory_plan import GIB, model_states, plan_memory  # noqa: E402
 from trainer.config import load_recipe  # noqa: E402
 from trainer.families.configs import build_on_meta  # noqa: E402
 

@@ -44,7 +44,7 @@ def plan(path: str, world: int, trace: bool) -> tuple[float, float]:
     """(model states GiB, activations GiB) per GPU: the CLI's dry run when tracing (a fresh process: the trace uses
     a fake process group), else the planner in this process (meta-device roles only, seconds)."""
     if not trace:
-        from parallel.plan import GIB, plan_memory
+        from trainer.memory_plan import GIB, plan_memory
         from trainer.config import load_recipe
         roles = plan_memory(load_recipe(os.path.join(ROOT, path)), world, trace=False).roles
         return sum(round(r.total / GIB, 3) for r in roles), 0.0   # as the dry run prints them, role by role

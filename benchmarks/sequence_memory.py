@@ -38,7 +38,7 @@ def saved_bytes_per_phase(args) -> dict[str, int]:
     from torch.distributed import _functional_collectives as funcol
     from parallel.distributed import init_distributed
     from trainer.config import load_recipe
-    from trainer.stages import build_stage_trainer
+    from trainer.stages.training import build_stage_trainer
     pipeline, sp, out = args.worker
     info = init_distributed(need_group=True)
     with tempfile.TemporaryDirectory() as run_dir:

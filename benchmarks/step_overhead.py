@@ -22,7 +22,8 @@ from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import trainer  # noqa: E402,F401
+from parallel.runtime_env import apply_runtime_defaults  # noqa: E402
+apply_runtime_defaults()
 
 OVERRIDES = ["teacher.pretrained=stabilityai/sdxl-benchmark-only", "parallel.zero3_persistence_threshold=0"]
 
@@ -30,7 +31,7 @@ OVERRIDES = ["teacher.pretrained=stabilityai/sdxl-benchmark-only", "parallel.zer
 def worker(recipe_path: str, out: str, steps: int, overrides: list[str]) -> None:
     import torch
     from parallel.distributed import init_distributed
-    from parallel.plan import _StepTracker, build_trainer
+    from trainer.memory_plan import _StepTracker, build_trainer
     from trainer.config import load_recipe
     from trainer.families import build_family
     recipe = load_recipe(recipe_path, overrides)

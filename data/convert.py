@@ -23,7 +23,11 @@ import math
 import os
 import sys
 
-import trainer  # noqa: F401  (runtime env defaults)
+from data.parts import PartsWriter, units_of_rank
+from data.schemas import columns
+from data.toy import load_toy
+from parallel.distributed import barrier, init_distributed, shutdown
+from parallel.runtime_env import apply_runtime_defaults
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -158,6 +162,7 @@ def chunk_samples(source: str, items: list[dict], start: int, encoders: Encoders
 
 
 def main(argv=None) -> int:
+    apply_runtime_defaults()
     parser = argparse.ArgumentParser(prog="python -m data.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", choices=["images", "prompts", "parquet", "toy"])
@@ -175,12 +180,8 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    from data.parts import PartsWriter, units_of_rank
-    from data.schemas import columns
-    from parallel.distributed import barrier, init_distributed, shutdown
     try:
         if args.source == "toy":
-            from data.toy import load_toy
             if args.input not in ("digits", "grid25", "grid25u"):
                 raise ConvertError(f"{args.input}: unknown toy dataset (digits, grid25, grid25u)")
             toy = load_toy(args.input)

@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from trainer.randomness import derive_seed
+from parallel.randomness import derive_seed
 
 GRID_STD = 0.05
 HERE = os.path.dirname(os.path.abspath(__file__))

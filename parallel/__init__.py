@@ -1,4 +1,1 @@
-"""How nets are spread over devices: the backend surface and its implementations."""
-from trainer.runtime_env import apply_runtime_defaults
-
-apply_runtime_defaults()
+"""How nets are spread over devices: the backend surface and its implementations (docs/parallelism.md)."""

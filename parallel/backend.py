@@ -1,5 +1,5 @@
-"""The small surface every backend implements (DESIGN.md "parallel/"). Methods never touch it; it never knows
-which method runs. `build_backend` picks the implementation named by `parallel.backend` in the recipe."""
+"""The small surface every backend implements (docs/parallelism.md "Backends"). Methods never touch it; it never
+knows which method runs. parallel/backends.py picks the implementation named by `parallel.backend`."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from parallel.loading import load_full_state
+from parallel.parallelize import ParallelizePlan, prepare_role
+from parallel.sequence import SequenceShards
 
 
 class Backend:
@@ -27,8 +29,8 @@ class Backend:
     full_state(role)         full (unsharded) state dict of a role; called on all ranks
     """
 
-    def __init__(self):
-        from parallel.sequence import SequenceShards
+    def __init__(self, plan: ParallelizePlan = ParallelizePlan()):
+        self.plan = plan                     # attention, activation checkpointing, blocks (parallel/parallelize.py)
         self.sequence = SequenceShards()     # this rank's sequence-parallel group (sharded backends with sp > 1)
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -41,6 +43,7 @@ class Backend:
         """Build a role with `build()`, place it, and load its weights from `source` (a parallel.loading
         StateSource) if given. Sharded backends override this so that no rank materialises the full role."""
         module = build()
+        prepare_role(role, module, self.plan, self.sequence)
         if source is not None:
             load_full_state(module, source)
         return self.wrap(role, module, trainable)
@@ -94,29 +97,6 @@ class Backend:
         finally:
             for p, flag in saved:
                 p.requires_grad_(flag)
-
-
-def build_backend(parallel_cfg, dist_info, family, grad_clip: float, ema_decay: float) -> Backend:
-    """The backend named by `parallel.backend`, for this process group and model family."""
-    if parallel_cfg.backend == "data_parallel":
-        from parallel.data_parallel import DataParallelBackend
-        return DataParallelBackend(dist_info, grad_clip=grad_clip, ema_decay=ema_decay)
-    if parallel_cfg.backend == "zero3":
-        from parallel.zero3 import Zero3Backend
-        return Zero3Backend(dist_info, grad_clip=grad_clip, ema_decay=ema_decay, sp=parallel_cfg.sp,
-                            mixed_precision=parallel_cfg.mixed_precision,
-                            persistence_threshold=parallel_cfg.zero3_persistence_threshold)
-    if parallel_cfg.backend == "fsdp2":
-        from parallel.dims import ParallelDims
-        from parallel.fsdp import FSDP2Backend
-        dims = ParallelDims.resolve(dist_info.world_size, parallel_cfg.dp_replicate, parallel_cfg.dp_shard,
-                                    parallel_cfg.sp)
-        return FSDP2Backend(dist_info, dims, grad_clip=grad_clip, ema_decay=ema_decay,
-                            mixed_precision=parallel_cfg.mixed_precision,
-                            reshard_after_forward=parallel_cfg.reshard_after_forward,
-                            cpu_offload=parallel_cfg.cpu_offload, shard_units=family.shard_units,
-                            activation_checkpointing=tuple(parallel_cfg.activation_checkpointing))
-    raise ValueError(f"unknown parallel backend '{parallel_cfg.backend}'")
 
 
 def skip_flag(norm: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:

@@ -13,11 +13,13 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.backend import Backend, skip_flag
+from parallel.parallelize import ParallelizePlan
 
 
 class DataParallelBackend(Backend):
-    def __init__(self, dist_info, grad_clip: float = 10.0, ema_decay: float = 0.999):
-        super().__init__()
+    def __init__(self, dist_info, grad_clip: float = 10.0, ema_decay: float = 0.999,
+                 plan: ParallelizePlan = ParallelizePlan()):
+        super().__init__(plan)
         self.dist = dist_info
         self.grad_clip, self.ema_decay = grad_clip, ema_decay
         self.ema: nn.Module | None = None

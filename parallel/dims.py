@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch.distributed.device_mesh import init_device_mesh
+
 
 class ParallelDimsError(ValueError):
     pass
@@ -44,7 +46,6 @@ class ParallelDims:
 
     def build_mesh(self, device_type: str):
         """DeviceMesh with named dims; FSDP shards over 'dp_shard' (HSDP adds 'dp_replicate')."""
-        from torch.distributed.device_mesh import init_device_mesh
         return init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.sp),
                                 mesh_dim_names=("dp_replicate", "dp_shard", "sp"))
 
@@ -56,7 +57,6 @@ class ParallelDims:
         dim from the root mesh is deprecated in torch 2.13): its process groups are new, the ranks in them the same."""
         if self.sp == 1:
             return mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else mesh["dp_shard"]
-        from torch.distributed.device_mesh import init_device_mesh
         merged = init_device_mesh(mesh.device_type, (self.dp_replicate, self.dp_shard * self.sp),
                                   mesh_dim_names=("dp_replicate", "dp_shard_sp"))
         return merged if self.dp_replicate > 1 else merged["dp_shard_sp"]

@@ -16,8 +16,8 @@ import os
 
 import torch
 import torch.distributed.checkpoint as dcp
+from accelerate import init_empty_weights
 from torch import nn
-from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -25,11 +25,13 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from parallel.backend import Backend, skip_flag
+from parallel.loading import check_keys
+from parallel.parallelize import ParallelizePlan, prepare_role
+from parallel.sequence import SequenceShards
 
 
 def load_local_shards(module: nn.Module, source) -> None:
     """Copy each parameter's local shard (dim-0 rows: FSDP2 shards dim 0) from the source; nothing else is read."""
-    from parallel.loading import check_keys
     check_keys(module, source)
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -45,21 +47,18 @@ def load_local_shards(module: nn.Module, source) -> None:
 class FSDP2Backend(Backend):
     def __init__(self, dist_info, dims, grad_clip: float = 10.0, ema_decay: float = 0.999,
                  mixed_precision: str = "fp32", reshard_after_forward: bool = True, cpu_offload: bool = False,
-                 shard_units=None, activation_checkpointing: tuple[str, ...] = ()):
-        super().__init__()
+                 plan: ParallelizePlan = ParallelizePlan()):
+        super().__init__(plan)
         self.dist, self.dims = dist_info, dims
         self.grad_clip, self.ema_decay = grad_clip, ema_decay
         self.mesh = dims.build_mesh(dist_info.device.type)
         self.shard_mesh = dims.fsdp_mesh(self.mesh)
         if dims.sp > 1:
-            from parallel.sequence import SequenceShards
             self.sequence = SequenceShards.of_group(dims.sequence_group(self.mesh))
         self.mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                           if mixed_precision == "bf16" else MixedPrecisionPolicy())
         self.offload = CPUOffloadPolicy() if cpu_offload else None
         self.reshard_after_forward = reshard_after_forward
-        self.activation_checkpointing = set(activation_checkpointing)
-        self.shard_units = shard_units or (lambda module: [])
         self.ema_shards: list[torch.Tensor] = []
         self.ema_names: list[str] = []
 
@@ -77,7 +76,6 @@ class FSDP2Backend(Backend):
         # parameters on the meta device, buffers real: buffers are computed by the constructors (SD3's sincos
         # position table, CogVideoX's) and are not always in the checkpoint (non-persistent), so they are kept
         # from the build and restored after to_empty, which reallocates every tensor uninitialised
-        from accelerate import init_empty_weights
         with init_empty_weights(include_buffers=False):
             module = build()
         buffers = {name: buffer.clone() for name, buffer in module.named_buffers()}
@@ -100,12 +98,9 @@ class FSDP2Backend(Backend):
         kwargs = dict(mesh=self.shard_mesh, mp_policy=self.mp_policy, reshard_after_forward=self.reshard_after_forward)
         if self.offload is not None:
             kwargs["offload_policy"] = self.offload
-        # fixed order: activation checkpointing -> FSDP per block -> root (the root holds what no block owns:
-        # embeddings, output layers). Checkpointing recomputes each block's forward in backward: ~1 extra forward
-        # of compute for keeping only block inputs; frozen roles backpropagated through (ADM) benefit as well.
-        for unit in self.shard_units(module):
-            if role in self.activation_checkpointing:
-                checkpoint(unit)
+        # the fixed order of parallel/parallelize.py: attention -> activation checkpointing -> FSDP per block -> root
+        # (the root holds what no block owns: embeddings, output layers)
+        for unit in prepare_role(role, module, self.plan, self.sequence):
             fully_shard(unit, **kwargs)
         fully_shard(module, **kwargs)
         self.modules[role] = module

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import _functional_collectives as funcol
 
@@ -41,7 +42,6 @@ class SequenceShards:
 
     @classmethod
     def of_group(cls, group) -> "SequenceShards":
-        import torch.distributed as dist
         if group is None or dist.get_world_size(group) == 1:
             return cls()
         return cls(group, dist.get_world_size(group), dist.get_rank(group))

@@ -27,7 +27,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torch.distributed.device_mesh import init_device_mesh
+
 from parallel.backend import Backend, warmup_lambda
+from parallel.loading import check_keys
+from parallel.parallelize import ParallelizePlan, prepare_role
+from parallel.runtime_env import pin_mmap_threshold
+from parallel.sequence import SequenceShards
 
 
 def import_deepspeed():
@@ -51,10 +57,9 @@ def bucket_elements(role_numel: int) -> int:
 
 class Zero3Backend(Backend):
     def __init__(self, dist_info, grad_clip: float = 10.0, ema_decay: float = 0.999, mixed_precision: str = "fp32",
-                 persistence_threshold: int = 0, sp: int = 1):
-        super().__init__()
+                 persistence_threshold: int = 0, sp: int = 1, plan: ParallelizePlan = ParallelizePlan()):
+        super().__init__(plan)
         if dist_info.device.type == "cpu":
-            from trainer.runtime_env import pin_mmap_threshold
             pin_mmap_threshold()   # else freed whole-module init tensors stay resident (see its docstring)
         self.ds = import_deepspeed()
         self.ds.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else "gloo")
@@ -63,8 +68,6 @@ class Zero3Backend(Backend):
             # SP groups of consecutive ranks (the same layout as FSDP2's mesh). Every role stays partitioned over ALL
             # ranks and DeepSpeed averages gradients over all of them: the SP ranks' partial gradients sum to SP x the
             # sample's gradient (parallel/sequence.py), so that mean is the data-parallel mean, with no SP scaling
-            from torch.distributed.device_mesh import init_device_mesh
-            from parallel.sequence import SequenceShards
             mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size // sp, sp),
                                     mesh_dim_names=("dp", "sp"))
             self.sequence = SequenceShards.of_group(mesh["sp"].get_group())
@@ -99,6 +102,9 @@ class Zero3Backend(Backend):
     def build_role(self, role: str, build, source=None, trainable: bool = True) -> nn.Module:
         with self.ds.zero.Init(config_dict_or_path=self.ds_config(trainable)):
             module = build()
+        # attention and activation checkpointing (parallel/parallelize.py); the role is partitioned already, and
+        # ZeRO-3's hooks gather each submodule's parameters for its forward, its recompute and its backward
+        prepare_role(role, module, self.plan, self.sequence)
         if source is not None:
             load_partitions(module, source)
         if not trainable:
@@ -250,7 +256,6 @@ class Zero3Backend(Backend):
 def load_partitions(module: nn.Module, source) -> None:
     """Copy each ZeRO-3 parameter's local partition (a contiguous range of the flattened tensor, padded at the
     end) from the source; nothing else is read and nothing is communicated."""
-    from parallel.loading import check_keys
     check_keys(module, source)
     rank, world = dist.get_rank(), dist.get_world_size()
     with torch.no_grad():

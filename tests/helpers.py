@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 
 import torch
 from safetensors.torch import save_file
@@ -9,7 +10,9 @@ from safetensors.torch import save_file
 from parallel.distributed import DistInfo
 from trainer.config import load_recipe
 from trainer.families import build_family
-from trainer.stages import build_distill_trainer
+from trainer.stages.collect import collect_pairs
+from trainer.stages.teacher import ensure_pixel_backbone
+from trainer.stages.training import build_stage_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "recipes", "tiny", "toy_smoke.yaml")
@@ -31,18 +34,16 @@ def random_teacher(tmp_path, recipe, seed=0) -> str:
 
 
 def distill_trainer(tmp_path, *overrides):
-    """A DistillTrainer over a random teacher (teacher.pretrained), built but not run."""
+    """A StageTrainer over a random teacher (teacher.pretrained), built but not run."""
     recipe = tiny_recipe(tmp_path, "stages=[teacher,distill]", *overrides)
     path = random_teacher(tmp_path, recipe)
     recipe = tiny_recipe(tmp_path, f"teacher.pretrained={path}", "stages=[distill]", *overrides)
-    return build_distill_trainer(recipe, recipe.run.dir, SINGLE)
+    return build_stage_trainer(recipe, recipe.run.dir, SINGLE)
 
 
 def pretrain_trainer(tmp_path, *overrides):
     """A pretrain-stage trainer (regression or ADP) over a random teacher, with real ODE pairs collected from it
     (32 pairs, 4 sampler steps) and the toy's pixel backbone; built but not run."""
-    from data.collect import collect_pairs
-    from trainer.stages import build_stage_trainer, ensure_pixel_backbone
     recipe = tiny_recipe(tmp_path, *overrides)
     path = random_teacher(tmp_path, recipe)
     recipe = tiny_recipe(tmp_path, f"teacher.pretrained={path}", "stages=[collect,pretrain]",
@@ -76,21 +77,21 @@ def tiny_sdxl_pipeline(folder: str) -> str:
 
 
 def recorded_steps(trainer, steps: int) -> tuple[dict, dict]:
-    """Run `steps` steps phase by phase (as DistillTrainer.train_step) and record ({phase/role: step-0 full
-    gradients before clipping}, {step: rank-reduced losses}). Collective under sharded backends: call on all ranks."""
-    from collections import defaultdict
-    grads, losses = {}, {}
+    """Run `steps` steps of the real `train_step` and record ({phase/role: step-0 full gradients before clipping},
+    {step: rank-reduced losses}) through its after-phase hook. Collective under sharded backends: call on all
+    ranks."""
+    grads = {}
+
+    def record(step, phase, out):
+        if step == 0:
+            for role in phase.updates:
+                grads[f"{phase.name}/{role}"] = trainer.backend.full_grads(role)
+
+    trainer.after_phase = record
+    losses = {}
     for step in range(steps):
         sums = defaultdict(list)
-        contexts = trainer.micro_contexts(step)
-        for phase in trainer.method.phases(step):
-            out = trainer.phase_backward(phase, contexts)
-            if step == 0:
-                for role in phase.updates:
-                    grads[f"{phase.name}/{role}"] = trainer.backend.full_grads(role)
-            trainer.backend.clip_and_step(phase.updates)
-            if "generator" in phase.updates:
-                trainer.backend.ema_update()
-            sums[f"loss/{phase.name}"].append(out.loss.detach())
-        losses[step] = trainer.reduce_metrics(sums)
+        trainer.train_step(step, sums)
+        losses[step] = trainer.reduce_metrics({k: v for k, v in sums.items() if k.startswith("loss/")})
+    trainer.after_phase = None
     return grads, losses

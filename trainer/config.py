@@ -2,8 +2,9 @@
 
 A recipe is read with `yaml.safe_load`, merged over its `base:` chain (paths relative to the file that names them),
 then the command line's `key=value` overrides are applied (values parsed as YAML, so `train.steps=10` is an int).
-pydantic validates types and rejects unknown keys; `check_combinations` rejects settings that cannot work together.
+pydantic validates types and rejects unknown keys; trainer/validate.py rejects settings that cannot work together.
 Every failure raises `RecipeError`, which the CLI prints as ONE line — file, key, problem, hint — and exits 2.
+Sections live here; each method's own section lives beside the method (trainer/methods/). docs/recipes.md.
 """
 from __future__ import annotations
 
@@ -12,93 +13,22 @@ import os
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
-
-class RecipeError(Exception):
-    """A recipe problem found before any work: formatted as one line `file: key: problem (hint: ...)`."""
-
-    def __init__(self, source: str, key: str, problem: str, hint: str = ""):
-        self.source, self.key, self.problem, self.hint = source, key, problem, hint
-        line = f"{source}: {key}: {problem}" if key else f"{source}: {problem}"
-        super().__init__(line + (f" (hint: {hint})" if hint else ""))
-
-
-class Section(BaseModel):
-    # extra="forbid": a misspelt key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+from trainer.families.sections import FamilyConfig, ToyFamilyConfig
+from trainer.methods.adm import ADMConfig
+from trainer.methods.adp import ADPConfig
+from trainer.methods.dmd import DMDConfig
+from trainer.methods.dmd2 import DMD2Config
+from trainer.methods.regression import RegressionConfig
+from trainer.sections import RecipeError, Section, boolean_for_number
+from trainer.validate import _source_of, check_recipe
 
 
 # ---------------------------------------------------------------------------------------------- sections
 class RunConfig(Section):
     dir: str = Field(description="run directory: config.yaml, stage folders, checkpoints, tensorboard, samples")
     seed: int = 0
-
-
-class ToyFamilyConfig(Section):
-    name: Literal["toy"] = "toy"
-    dataset: Literal["digits", "grid25", "grid25u"] = "digits"
-    hidden: int = Field(256, gt=0)
-    depth: int = Field(4, gt=0)
-    time_embed_dim: int = Field(64, gt=0)
-    taps: list[int] = Field(default_factory=lambda: [1, 2, 3], description="block indices whose outputs feed heads")
-
-
-class LatentFamilyConfig(Section):
-    """What the latent families share (trainer/families/latent.py): prompts, the null branch, the heads."""
-    prompts: Optional[str] = Field(None, description="a text file with one prompt per line: encoded once by the teacher "
-                                   "pipeline's text encoders into <run.dir>/prompts/ (the precomputed-embeddings "
-                                   "path); default: a random embedding table (tiny twins, benchmarks)")
-    num_prompts: int = Field(64, gt=0, description="rows of the random embedding table (without `prompts`)")
-    prompt_seed: int = 0
-    uncond: Literal["zeros", "empty_prompt"] = Field("zeros", description="the unconditional branch of CFG: zero "
-                                                     "embeddings (DMD2) or the encoded empty prompt (needs prompts)")
-    head_hidden: int = Field(128, gt=0, description="channels of each discriminator head's conv")
-
-
-class SDXLFamilyConfig(LatentFamilyConfig):
-    """SDXL's UNet (trainer/families/sdxl.py). The architecture comes from `teacher.pretrained` when it is a
-    diffusers folder or hub id, else from the checked-in config `model` (`sdxl`, or the tiny twin `sdxl_tiny`)."""
-    name: Literal["sdxl"] = "sdxl"
-    model: Literal["sdxl", "sdxl_tiny"] = "sdxl"
-    resolution: int = Field(1024, gt=0, multiple_of=8, description="pixels; latents are resolution / 8")
-    prompt_length: int = Field(77, gt=0, description="tokens per prompt embedding")
-    pixel_backbone: Literal["sam", "dinov2"] = Field("sam", description="ADP's pixel discriminator backbone "
-                                                     "(§10.10): SAM's image encoder, or DINOv2")
-    pixel_backbone_pretrained: Optional[str] = Field(
-        None, description="local folder or cached hub id of the backbone (e.g. facebook/sam-vit-base, "
-        "facebook/dinov2-base); default: the checked-in config with random weights (tiny twins only)")
-    pixel_image_size: Optional[int] = Field(None, gt=0, description="the backbone's input size (decoded images are "
-                                            "resized to it); default: the backbone's own (SAM 1024)")
-
-
-class SD3FamilyConfig(LatentFamilyConfig):
-    """SD3-Medium / SD3.5-Large's MMDiT (trainer/families/sd3.py): the pretrained folder's `transformer/` config, else
-    the checked-in `model`."""
-    name: Literal["sd3"] = "sd3"
-    model: Literal["sd3_medium", "sd35_large", "sd3_medium_tiny", "sd35_large_tiny"] = "sd3_medium"
-    resolution: int = Field(1024, gt=0, multiple_of=16, description="pixels; latents are resolution / 8")
-    prompt_length: int = Field(333, gt=0, description="tokens per prompt: 77 CLIP + 256 T5 (the pipeline's default)")
-    taps: Optional[list[int]] = Field(None, description="joint blocks whose image tokens feed the heads; default: the "
-                                      "ends of 1/4, 1/2, 3/4 and all of the depth")
-
-
-class CogVideoXFamilyConfig(LatentFamilyConfig):
-    """CogVideoX-2B / 5B (trainer/families/cogvideox.py): the pretrained folder's `transformer/` config, else the
-    checked-in `model`."""
-    name: Literal["cogvideox"] = "cogvideox"
-    model: Literal["cogvideox_2b", "cogvideox_5b", "cogvideox_2b_tiny", "cogvideox_5b_tiny"] = "cogvideox_2b"
-    frames: int = Field(49, gt=0, description="video frames (4k + 1); latent frames are (frames - 1) / 4 + 1")
-    height: int = Field(480, gt=0, multiple_of=16)
-    width: int = Field(720, gt=0, multiple_of=16)
-    prompt_length: Optional[int] = Field(None, gt=0, description="T5 tokens per prompt; default: the transformer's "
-                                         "max_text_seq_length (226)")
-    taps: Optional[list[int]] = Field(None, description="blocks whose video tokens feed the 3-D heads; default: the "
-                                      "ends of 1/4, 1/2, 3/4 and all of the depth")
-
-
-FamilyConfig = Annotated[Union[ToyFamilyConfig, SDXLFamilyConfig, SD3FamilyConfig, CogVideoXFamilyConfig],
-                         Field(discriminator="name")]
 
 
 class ScheduleConfig(Section):
@@ -169,55 +99,7 @@ class GeneratorConfig(Section):
                                          "generator starts from the teacher; export fuses them)")
 
 
-class DMDConfig(Section):
-    """DMD (Yin et al. 2024): reverse-KL gradient + fake-score denoising. ALGORITHMS.md §2."""
-    name: Literal["dmd"] = "dmd"
-    guidance_scale: float = Field(1.0, ge=0)
-    t_min_frac: float = Field(0.02, ge=0, le=1)
-    t_max_frac: float = Field(0.98, ge=0, le=1)
-    ttur: int = Field(1, gt=0, description="critic updates per generator update")
-
-
-class DMD2Config(DMDConfig):
-    """DMD2 (Yin et al. 2024b): DMD + GAN head on the fake score's features, real-data branch, TTUR. §3."""
-    name: Literal["dmd2"] = "dmd2"  # type: ignore[assignment]
-    ttur: int = Field(5, gt=0)
-    gen_gan_weight: float = Field(5e-3, ge=0)
-    disc_gan_weight: float = Field(1e-2, ge=0)
-
-
-class ADMConfig(Section):
-    """ADM (Lu et al. 2025): one ODE step of dt from the same x_t, hinge loss on teacher-backbone heads. §5."""
-    name: Literal["adm"] = "adm"
-    guidance_scale: float = Field(1.0, ge=0)
-    t_min_frac: float = Field(0.02, ge=0, le=1)
-    t_max_frac: float = Field(0.98, ge=0, le=1)
-    dt_frac: float = Field(1 / 64, gt=0, lt=1, description="dt = dt_frac * T in network time units")
-    ttur: int = Field(1, gt=0)
-    detach_fake_velocity: bool = False
-
-
 MethodConfig = Annotated[Union[DMDConfig, DMD2Config, ADMConfig], Field(discriminator="name")]
-
-
-class RegressionConfig(Section):
-    """ODE-pair regression: the student maps each pair's noise to ITS teacher output (DMD's regression loss,
-    DMD2's one-step initialisation, the ADM paper's ablation A1). MSE in data space. ALGORITHMS.md §6.4."""
-    name: Literal["regression"] = "regression"
-
-
-class ADPConfig(Section):
-    """ADP (Lu et al. 2025 §3.3; ALGORITHMS.md §6): velocity on the straight path between the pair's noise and the
-    teacher's output at cubic high-noise timesteps; hybrid hinge discriminators (latent: frozen teacher backbone +
-    heads on re-noised samples; pixel: decode -> frozen vision backbone + heads)."""
-    name: Literal["adp"] = "adp"
-    latent_weight: float = Field(0.85, ge=0, le=1, description="lambda1: latent discriminator")
-    pixel_weight: float = Field(0.15, ge=0, le=1, description="lambda2: pixel discriminator; lambda1 + lambda2 = 1")
-    timestep_power: float = Field(3.0, gt=0, description="student times t = (1 - u^p) T; 3: the paper's cubic")
-    renoise_t_min_frac: float = Field(0.0, ge=0, le=1, description="latent D re-noising t' ~ U[min, max] * T")
-    renoise_t_max_frac: float = Field(1.0, ge=0, le=1)
-    share_renoise: bool = Field(False, description="§10.9: real and fake share (t', noise); default independent")
-    velocity_mse_weight: float = Field(0.0, ge=0, description="§10.8: optional velocity-MSE term on the pairs")
 
 
 PretrainMethodConfig = Annotated[Union[RegressionConfig, ADPConfig], Field(discriminator="name")]
@@ -249,7 +131,7 @@ class EvalConfig(Section):
 
 
 class CollectConfig(Section):
-    """Teacher ODE pairs (`python -m data.collect RECIPE`): deterministic sampler, per-sample seeds, fixed
+    """Teacher ODE pairs (`python -m trainer.collect RECIPE`): deterministic sampler, per-sample seeds, fixed
     micro-batches assigned to ranks round-robin, so the pairs do not depend on the number of ranks."""
     out: Optional[str] = Field(None, description="MDS output folder (default: <run.dir>/ode_pairs)")
     num_pairs: int = Field(1024, gt=0)
@@ -295,7 +177,6 @@ class ParallelConfig(Section):
 
 
 Stage = Literal["teacher", "collect", "pretrain", "distill", "evaluate"]
-STAGE_ORDER = ["teacher", "collect", "pretrain", "distill", "evaluate"]
 
 
 class GuardsConfig(Section):
@@ -457,19 +338,11 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _source_of(dotted: str, provenance: dict, default: str) -> str:
-    probe = dotted
-    while probe:
-        if probe in provenance:
-            return provenance[probe]
-        probe = probe.rpartition(".")[0]
-    return default
-
-
 UNION_TAGS = {"toy", "sdxl", "sd3", "cogvideox", "dmd", "dmd2", "adm", "regression", "adp"}
 
 
 def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
+    """The typed, validated recipe (everything that does not depend on the world size; trainer/validate.py)."""
     provenance: dict[str, str] = {}
     data = _load_with_bases(path, provenance)
     for text in overrides:
@@ -484,6 +357,10 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     pretrain = data.get("pretrain")
     if isinstance(pretrain, dict) and isinstance(pretrain.get("method"), dict):
         pretrain["method"].setdefault("name", "adp")
+    wrong = boolean_for_number(Recipe, data)
+    if wrong:
+        raise RecipeError(_source_of(wrong, provenance, path), wrong, "expected a number, got a boolean",
+                          "give a number")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -504,154 +381,8 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
         got = err.get("input")
         got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
         raise RecipeError(source, dotted, f"{err['msg']}{got_text}", "fix the value's type or range") from None
-    check_combinations(recipe, path, provenance)
+    check_recipe(recipe, path, provenance)
     return recipe
-
-
-def check_combinations(recipe: Recipe, path: str, provenance: dict) -> None:
-    """Settings that validate one by one but cannot work together."""
-    def fail(key: str, problem: str, hint: str) -> None:
-        raise RecipeError(_source_of(key, provenance, path), key, problem, hint)
-
-    s = recipe.schedule
-    if s.prediction == "flow" and (s.snr_shift != 1.0 or s.zero_terminal_snr):
-        fail("schedule.prediction", "snr_shift / zero_terminal_snr apply to DDPM schedules, not rectified flow",
-             "use schedule.shift for flow, or prediction: v")
-    if s.prediction != "flow" and s.shift != 1.0:
-        fail("schedule.shift", "shift applies to rectified flow only", "use schedule.snr_shift for DDPM")
-    if s.beta_end <= s.beta_start:
-        fail("schedule.beta_end", "must exceed schedule.beta_start", "e.g. 0.00085 .. 0.012 (SDXL)")
-    m = recipe.distill.method
-    if m.t_min_frac >= m.t_max_frac:
-        fail("distill.method.t_min_frac", "must be below t_max_frac", "e.g. 0.02 .. 0.98")
-    if isinstance(m, ADMConfig) and m.t_min_frac + m.dt_frac >= m.t_max_frac:
-        fail("distill.method.dt_frac", "t_min_frac + dt_frac must stay below t_max_frac (t - dt must stay valid)",
-             "lower dt_frac or widen the t range")
-    family = recipe.family
-    from trainer.families import TEACHER_PREDICTION
-    expected = TEACHER_PREDICTION.get(family.name)
-    if expected is not None and s.prediction != expected:
-        fail("schedule.prediction", f"family '{family.name}' teachers predict '{expected}' (got '{s.prediction}')",
-             f"schedule.prediction: {expected}")
-    if family.name == "cogvideox" and not s.zero_terminal_snr:
-        fail("schedule.zero_terminal_snr", "CogVideoX is trained with zero terminal SNR", "schedule.zero_terminal_snr: "
-             "true (and snr_shift 3.0 for 2B, 1.0 for 5B)")
-    if family.name == "toy":
-        conditional = family.dataset == "digits"
-        if not conditional and m.guidance_scale != 1.0:
-            fail("distill.method.guidance_scale", f"dataset '{family.dataset}' is unconditional: CFG needs labels",
-                 "set guidance_scale: 1.0 or use dataset: digits")
-        depth = family.depth
-        bad = [t for t in family.taps if not 0 <= t < depth]
-        if bad or not family.taps:
-            fail("family.taps", f"tap indices must lie in [0, {depth}) (got {family.taps})", "taps are block indices")
-    else:
-        if "evaluate" in recipe.stages:
-            fail("stages", f"the evaluate stage measures the toy families (FD against their data); family "
-                           f"'{family.name}' has no such data here", "drop 'evaluate'; export the student with "
-                           "python -m trainer.export and score it with your own pipeline")
-        if "teacher" in recipe.stages:
-            fail("stages", f"the teacher stage trains toy teachers only; family '{family.name}' distills a "
-                           f"pretrained one", "drop 'teacher' from stages and set teacher.pretrained")
-        pm = recipe.pretrain.method
-        if "pretrain" in recipe.stages and isinstance(pm, ADPConfig) and pm.pixel_weight > 0 and family.name != "sdxl":
-            fail("pretrain.method.pixel_weight", f"family '{family.name}' has no pixel discriminator backbone (the "
-                 f"paper's SD3 and CogVideoX students use ADM alone, from the teacher)",
-                 "pretrain.method.pixel_weight: 0 and latent_weight: 1, or drop the pretrain stage")
-        if family.uncond == "empty_prompt" and family.prompts is None:
-            fail("family.uncond", "the empty prompt's embeddings come from the text encoders, which run only with a "
-                 "prompt file", "set family.prompts, or family.uncond: zeros")
-        if family.prompts is not None and not os.path.isfile(family.prompts):
-            fail("family.prompts", f"file '{family.prompts}' not found", "a text file with one prompt per line")
-        if ("pretrain" in recipe.stages and isinstance(pm, ADPConfig) and pm.pixel_weight > 0
-                and family.model != "sdxl_tiny" and family.pixel_backbone_pretrained is None):
-            fail("family.pixel_backbone_pretrained", "ADP's pixel discriminator needs a pretrained backbone (random "
-                 "weights are for the tiny twin only)", "e.g. facebook/sam-vit-base in the local cache")
-        if m.name == "dmd2" and recipe.data.real_remote is None:
-            fail("data.real_remote", f"{m.name} on family '{family.name}' needs a real_latents stream",
-                 "convert images with `python -m data.convert images ... --vae` and set data.real_remote")
-    g = recipe.distill.generator
-    if g.lora is not None and (family.name == "toy" or "pretrain" in recipe.stages or recipe.distill.init_generator):
-        fail("distill.generator.lora", "LoRA adapts a diffusers generator initialised from the teacher (not a toy, "
-             "not after a pretrain stage or from init_generator)", "drop distill.generator.lora")
-    if g.conditioning_timestep is not None and g.num_steps != 1:
-        fail("distill.generator.conditioning_timestep", "only one-step students take a conditioning timestep",
-             "set generator.num_steps: 1 or drop conditioning_timestep")
-    needs_teacher = [st for st in ("collect", "pretrain", "distill") if st in recipe.stages]
-    if needs_teacher and recipe.teacher.pretrained is None and "teacher" not in recipe.stages:
-        fail("stages", f"{needs_teacher[0]} needs a teacher: list the 'teacher' stage or set teacher.pretrained",
-             "stages: [teacher, distill, evaluate]")
-    pretrained = recipe.teacher.pretrained
-    if pretrained is not None and family.name == "toy" and not os.path.isfile(pretrained):
-        fail("teacher.pretrained", f"file '{pretrained}' not found", "point at a teacher .safetensors")
-    if pretrained is not None and family.name != "toy" and not os.path.exists(pretrained) and (
-            pretrained.startswith((".", "/")) or pretrained.count("/") != 1):
-        fail("teacher.pretrained", f"'{pretrained}' is neither a local folder nor a hub id",
-             "a diffusers pipeline folder (with unet/), a model folder, or a hub id such as "
-             "stabilityai/stable-diffusion-xl-base-1.0 in the local cache")
-    p = recipe.parallel
-    if p.sp != 1:
-        check_sequence_parallel(recipe, fail)
-    if p.backend == "zero3" and (p.dp_replicate != 1 or p.dp_shard not in (-1, 1) or p.cpu_offload):
-        fail("parallel.backend", "zero3 shards every role over all ranks (dp_replicate / dp_shard / cpu_offload are "
-                                 "FSDP2 settings)", "set parallel.backend: fsdp2 for HSDP or offload")
-    if p.backend == "data_parallel" and (p.dp_replicate != 1 or p.dp_shard not in (-1, 1) or
-                                         p.mixed_precision != "fp32" or p.cpu_offload or p.activation_checkpointing):
-        fail("parallel.backend", "dp_replicate / dp_shard / mixed_precision / cpu_offload / activation_checkpointing "
-                                 "need a sharded backend",
-             "set parallel.backend: fsdp2")
-    if [st for st in STAGE_ORDER if st in recipe.stages] != list(recipe.stages):
-        fail("stages", f"stages must be a subset in the order {STAGE_ORDER}", "e.g. [teacher, distill, evaluate]")
-    check_pretrain(recipe, fail)
-
-
-def check_sequence_parallel(recipe: Recipe, fail) -> None:
-    """parallel.sp > 1: Ulysses over CogVideoX's video tokens (parallel/sequence.py), in the distill stage, under a
-    sharded backend, with SDPA, and with a head count the SP ranks split evenly."""
-    p, family = recipe.parallel, recipe.family
-    if family.name != "cogvideox":
-        fail("parallel.sp", f"sequence parallelism is implemented for CogVideoX's video tokens, not family "
-             f"'{family.name}'", "set parallel.sp: 1")
-    if p.backend == "data_parallel":
-        fail("parallel.sp", "sequence parallelism needs a sharded backend", "set parallel.backend: fsdp2 or zero3")
-    if p.attention != "sdpa":
-        fail("parallel.attention", "the Ulysses attention runs torch SDPA", "set parallel.attention: sdpa")
-    other = [stage for stage in recipe.stages if stage != "distill"]
-    if other:
-        fail("stages", f"parallel.sp applies to the distill stage only (got {other})",
-             "run the other stages with parallel.sp: 1")
-    from parallel.sequence import check_heads
-    from trainer.families.configs import model_config
-    heads = model_config(family.model, recipe.teacher.pretrained, "transformer").get("num_attention_heads")
-    problem = check_heads(heads or 1, p.sp)
-    if problem:
-        fail("parallel.sp", problem, "pick an sp that divides the head count")
-
-
-def generator_prediction(recipe: Recipe) -> str:
-    return recipe.distill.generator.prediction or recipe.schedule.prediction
-
-
-def check_pretrain(recipe: Recipe, fail) -> None:
-    pm, g = recipe.pretrain.method, recipe.distill.generator
-    if isinstance(pm, ADPConfig):
-        if abs(pm.latent_weight + pm.pixel_weight - 1.0) > 1e-6:
-            fail("pretrain.method.pixel_weight", f"latent_weight + pixel_weight must be 1 (got {pm.latent_weight} + "
-                 f"{pm.pixel_weight})", "the paper: 0.85 and 0.15")
-        if pm.renoise_t_min_frac >= pm.renoise_t_max_frac:
-            fail("pretrain.method.renoise_t_min_frac", "must be below renoise_t_max_frac", "e.g. 0 .. 1")
-    if "pretrain" not in recipe.stages:
-        return
-    if isinstance(pm, ADPConfig) and generator_prediction(recipe) != "flow":
-        fail("distill.generator.prediction", f"ADP trains a straight-path velocity student; the generator would "
-             f"predict '{generator_prediction(recipe)}'", "set distill.generator.prediction: flow (§10.7)")
-    if g.conditioning_timestep is not None:
-        fail("distill.generator.conditioning_timestep", "the pretrain stage trains the student at its true "
-             "timesteps, so it cannot be shown a fixed conditioning timestep", "drop conditioning_timestep")
-    if "collect" not in recipe.stages and recipe.data.pairs_remote is None and not os.path.isdir(
-            recipe.collect.out or os.path.join(recipe.run.dir, "ode_pairs")):
-        fail("stages", "pretrain needs teacher ODE pairs: list the 'collect' stage or set data.pairs_remote",
-             "stages: [teacher, collect, pretrain, distill, evaluate]")
 
 
 def dump_recipe(recipe: Recipe) -> str:

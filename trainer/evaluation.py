@@ -15,7 +15,7 @@ from sklearn.neighbors import NearestNeighbors
 from torch import nn
 
 from data.toy import GRID_STD, ToyDataset
-from trainer.randomness import StepRandom, derive_seed
+from parallel.randomness import StepRandom, derive_seed
 
 CLASSIFIER_SEED = 7   # fixed: every run and method is measured in the same feature space
 

@@ -13,7 +13,7 @@ own K-step sampler (trainer/sampling.py: predict x0, re-noise with fresh noise t
 - rectified-flow students (SD3): `FlowMatchEulerDiscreteScheduler(shift, stochastic_sampling=True)`; the student's
   times are the shifted 1 - i/K, which the stock call reaches with `sigmas=[1 - i/K]` (its default grid differs).
 - a one-step student shown a conditioning timestep (DMD2 SDXL: 399) is called with `timesteps=[399]`.
-- an RF-velocity student on SDXL (DMDX's ADP parameterisation, §10.7), one step: `UniPCMultistepScheduler` with
+- an RF-velocity student on SDXL (DMDX's ADP parameterisation, docs/algorithms.md "The student's parameterisation"), one step: `UniPCMultistepScheduler` with
   flow sigmas and `flow_prediction` (SDXL's pipeline needs a scheduler with `scale_model_input`, which
   `FlowMatchEulerDiscreteScheduler` lacks); its single step is x0 = x_T - v(x_T, 1000).
 
@@ -28,20 +28,27 @@ import json
 import os
 import sys
 
-import trainer  # noqa: F401  (runtime env defaults)
+import diffusers
+import torch
+
+from parallel.offline import checkpoint_weights
+from parallel.runtime_env import apply_runtime_defaults
+from trainer.config import load_recipe
+from trainer.families import build_family
+from trainer.lora import add_lora, fuse
+from trainer.stages.artifacts import GENERATOR_FILE, final_stage, stage_student_path
+from trainer.stages.roles import build_generator_denoiser, build_generator_module, load_student_weights
 
 SAMPLING_FILE = "dmdx_sampling.json"
 
 
 def pipeline_class(family_name: str):
-    import diffusers
     return {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline,
             "cogvideox": diffusers.CogVideoXPipeline}[family_name]
 
 
 def trained_betas(schedule) -> list[float]:
     """Betas whose cumulative product is the trainer's abar table (float64), for the schedulers' `trained_betas`."""
-    import torch
     abar = schedule.alphas_cumprod
     previous = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
     return (1.0 - abar / previous).tolist()
@@ -49,7 +56,6 @@ def trained_betas(schedule) -> list[float]:
 
 def student_scheduler(recipe, denoiser):
     """(scheduler, extra call arguments) reproducing the student's K-step sampler."""
-    import diffusers
     g = recipe.distill.generator
     steps = g.num_steps
     if denoiser.prediction == "flow":
@@ -105,18 +111,11 @@ def checkpoint_folder(run_dir: str, stage: str, name: str) -> str:
 
 
 def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32", checkpoint: str | None = None) -> dict:
-    import torch
-
-    from trainer.config import load_recipe
-    from trainer.families import build_family
-    from trainer.stages import (GENERATOR_FILE, build_generator_denoiser, build_generator_module, final_stage,
-                                load_student_weights, stage_student_path)
     recipe = load_recipe(os.path.join(run_dir, "config.yaml"))
     if recipe.family.name == "toy":
         raise ValueError("the toy family has no diffusers pipeline (hint: python -m trainer.sample draws its samples)")
     stage = final_stage(recipe) or "distill"
     if checkpoint is not None:   # an unfinished run: the weights from a checkpoint of whichever backend wrote it
-        from parallel.offline import checkpoint_weights
         folder = checkpoint_folder(run_dir, stage, checkpoint)
         family = build_family(recipe)
         with torch.device("meta"):
@@ -137,7 +136,6 @@ def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32", ch
     student = stock.from_config(family.config)
     lora = recipe.distill.generator.lora
     if lora is not None:   # adapters trained on the frozen base: fused into it, then dropped
-        from trainer.lora import add_lora, fuse
         load_student_weights(add_lora(student, lora), path)
         fuse(student)
     else:
@@ -155,6 +153,7 @@ def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32", ch
 
 
 def main(argv=None) -> int:
+    apply_runtime_defaults()
     parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
@@ -179,7 +178,6 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from trainer.config import load_recipe
     name = pipeline_class(load_recipe(config).family.name).__name__
     arguments = ", ".join(f"{k}={v!r}" for k, v in call.items())
     print(f"wrote {args.out}: load it with diffusers.{name}.from_pretrained({args.out!r}) and call it with "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from parallel.loading import MappedSource
+from parallel.loading import MappedSource, TensorsSource
 
 
 def peft_config(cfg):
@@ -59,7 +59,6 @@ def initial_adapters(build, seed: int) -> dict[str, torch.Tensor]:
 def lora_source(base_source, build, seed: int) -> MappedSource:
     """The adapted generator's state: base weights from `base_source` (peft's `.base_layer.` keys mapped back to the
     plain names), adapters from `initial_adapters`."""
-    from parallel.loading import TensorsSource
     adapters = TensorsSource(initial_adapters(build, seed))
     with torch.device("meta"):
         names = [name for name, _ in build().named_parameters()]

@@ -1,6 +1,8 @@
 """`python -m trainer.main RECIPE [key=value ...] [--dry-run]`: run the recipe's stages in order; rerun resumes.
 
-Works single-process and under torchrun (plain data parallel). Recipe problems print one line and exit 2.
+Works single-process and under torchrun. Everything the recipe, the world size and the run directory can get wrong
+is checked before anything is built or written (trainer/validate.py): one line on stderr, exit 2.
+docs/operations.md describes a run; docs/recipes.md the recipe.
 """
 from __future__ import annotations
 
@@ -10,8 +12,16 @@ import os
 import sys
 import time
 
-import trainer  # noqa: F401  (runtime env defaults before torch is imported)
+from parallel.distributed import init_distributed, shutdown
+from parallel.runtime_env import apply_runtime_defaults
+from trainer import provenance
 from trainer.config import RecipeError, dump_recipe, load_recipe
+from trainer.guards import GuardError
+from trainer.memory_plan import plan_memory
+from trainer.stages import run_stages
+from trainer.stages.run_dir import prepare_run_dir
+from trainer.trainer import Preempted
+from trainer.validate import check_launch
 
 USAGE_EXIT = 2
 
@@ -24,70 +34,18 @@ def parse_args(argv):
                         help="validate the recipe, print it and its memory plan (meta device, fake tensors); "
                              "no weights, no training")
     parser.add_argument("--world-size", type=int, default=None,
-                        help="--dry-run: plan for this many ranks (default: the launch's, else 1)")
+                        help="--dry-run: plan for this many ranks (default: WORLD_SIZE, else 1)")
     parser.add_argument("--no-trace", action="store_true",
                         help="--dry-run: model states only, skip tracing a step for activations")
     return parser.parse_intermixed_args(argv)   # overrides may follow the flags
 
 
-def same_run(written: str, text: str) -> bool:
-    """Two resolved recipes describe the same run when they agree on everything but `launch` (nodes, time limit,
-    partition: resuming on another allocation is the point)."""
-    import yaml
-    a, b = yaml.safe_load(written), yaml.safe_load(text)
-    a.pop("launch", None)
-    b.pop("launch", None)
-    return a == b
-
-
-def prepare_run_dir(recipe, log) -> str:
-    """Write the resolved recipe into the run dir; a run dir holding a DIFFERENT recipe is refused (resuming it
-    with other settings would silently mix two runs)."""
-    run_dir = recipe.run.dir
-    text = dump_recipe(recipe)
-    path = os.path.join(run_dir, "config.yaml")
-    if os.path.isfile(path):
-        if not same_run(open(path).read(), text):
-            raise RecipeError(path, "run.dir", "this run directory holds a different recipe",
-                              "pick a new run.dir, or rerun with the exact same recipe and overrides to resume")
-        return run_dir
-    os.makedirs(run_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-    return run_dir
-
-
-def batch_problem(recipe, world_size: int) -> str | None:
-    """One line naming the first batch setting that does not split over the data-parallel ranks (`world_size` / sp:
-    the ranks of a sequence-parallel group share their samples), or None."""
-    data_ranks = world_size // recipe.parallel.sp
-    for section in ("teacher", "pretrain", "distill"):
-        train = getattr(recipe, section).train
-        if train.batch_size % data_ranks:
-            return (f"{section}.train.batch_size: {train.batch_size} is not divisible by the {data_ranks} "
-                    f"data-parallel ranks (world size {world_size} / parallel.sp {recipe.parallel.sp}) "
-                    f"(hint: change the batch size or the process count)")
-        local = train.batch_size // data_ranks
-        if train.micro_batch_size and local % train.micro_batch_size:
-            return (f"{section}.train.micro_batch_size: {train.micro_batch_size} does not divide the local batch "
-                    f"{local} (batch_size {train.batch_size} / {data_ranks} data-parallel ranks)")
-    return None
-
-
 def dry_run_plan(args, recipe) -> int:
-    from parallel.dims import ParallelDims, ParallelDimsError
-    from parallel.plan import plan_memory
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    p = recipe.parallel
     try:
-        ParallelDims.resolve(world_size, p.dp_replicate, p.dp_shard, p.sp)
-    except ParallelDimsError as e:
-        print(f"error: {args.recipe}: {e} (hint: pass --world-size to match the parallel section)", file=sys.stderr)
-        return USAGE_EXIT
-    problem = batch_problem(recipe, world_size)
-    if problem:
-        print(f"error: {args.recipe}: {problem}", file=sys.stderr)
+        check_launch(recipe, world_size, "cuda" if recipe.parallel.attention == "xformers" else "cpu", args.recipe)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
         return USAGE_EXIT
     plan = plan_memory(recipe, world_size, trace=not args.no_trace)
     print(plan.format())
@@ -97,7 +55,23 @@ def dry_run_plan(args, recipe) -> int:
     return 0
 
 
+def print_summary(run_dir: str, metrics: dict | None, seconds: float, log) -> None:
+    log(f"done in {seconds:.1f} s. run dir: {os.path.abspath(run_dir)}")
+    log(f"  config:      {run_dir}/config.yaml")
+    log(f"  tensorboard: tensorboard --logdir {run_dir}")
+    if metrics is None:
+        return
+    s, t = metrics["student"], metrics["teacher"]
+    log(f"  metrics:     {run_dir}/evaluate/metrics.json")
+    log(f"  samples:     {run_dir}/evaluate/student_samples.png, {run_dir}/evaluate/teacher_samples.png")
+    log(f"  student FD {s['fd']:.4g} (precision {s['precision']:.3f}, recall {s['recall']:.3f}) vs teacher "
+        f"FD {t['fd']:.4g} (precision {t['precision']:.3f}, recall {t['recall']:.3f}); "
+        f"ratio {metrics['fd_ratio_student_over_teacher']:.2f}")
+    log("  " + json.dumps({k: v for k, v in s.items() if k not in ("fd", "precision", "recall")}))
+
+
 def main(argv=None) -> int:
+    apply_runtime_defaults()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -107,49 +81,23 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return dry_run_plan(args, recipe)
-    from parallel.distributed import init_distributed, shutdown
-    from trainer.stages import (prepare_prompts, run_collect_stage, run_distill_stage, run_evaluate_stage,
-                                run_teacher_stage)
-
     dist_info = init_distributed(timeout_seconds=recipe.parallel.collective_timeout_seconds,
                                  need_group=recipe.parallel.backend != "data_parallel")
     log = (lambda msg: print(msg, flush=True)) if dist_info.is_main else (lambda msg: None)
-    from parallel.dims import ParallelDims, ParallelDimsError
-    try:
-        p = recipe.parallel
-        ParallelDims.resolve(dist_info.world_size, p.dp_replicate, p.dp_shard, p.sp)
-    except ParallelDimsError as e:
-        print(f"error: {args.recipe}: {e} (hint: match the parallel section to the process count)", file=sys.stderr)
-        return USAGE_EXIT
-    from trainer.attention import attention_problem
-    problem = batch_problem(recipe, dist_info.world_size) or attention_problem(
-        recipe.parallel.attention, dist_info.device.type, recipe.family.name)
-    if problem:
-        print(f"error: {args.recipe}: {problem}", file=sys.stderr)
-        return USAGE_EXIT
-    try:
-        if dist_info.is_main:
-            run_dir = prepare_run_dir(recipe, log)
-        else:
-            run_dir = recipe.run.dir
+    try:   # every rank checks (the same answer everywhere): nothing is built or written before this
+        check_launch(recipe, dist_info.world_size, dist_info.device.type, args.recipe)
+        run_dir = prepare_run_dir(recipe, args.recipe) if dist_info.is_main else recipe.run.dir
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_EXIT
-    from trainer.guards import GuardError
-    from trainer.trainer import Preempted
+    record = provenance.attempt_record(dist_info.world_size, [sys.executable, "-m", "trainer.main",
+                                                              *(sys.argv[1:] if argv is None else argv)])
+    record["recipe"] = recipe.model_dump(mode="json")
+    if dist_info.is_main:
+        provenance.append(run_dir, record)
     started = time.perf_counter()
-    metrics = None
     try:
-        prepare_prompts(recipe, run_dir, dist_info, log)
-        for stage in recipe.stages:
-            if stage == "teacher":
-                run_teacher_stage(recipe, run_dir, dist_info, log)
-            elif stage == "collect":
-                run_collect_stage(recipe, run_dir, dist_info, log)
-            elif stage in ("pretrain", "distill"):
-                run_distill_stage(recipe, run_dir, dist_info, log, stage)
-            elif stage == "evaluate":
-                metrics = run_evaluate_stage(recipe, run_dir, dist_info, log)
+        metrics = run_stages(recipe, run_dir, dist_info, log, record)
     except GuardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -158,17 +106,7 @@ def main(argv=None) -> int:
         shutdown()
         return 0
     if dist_info.is_main:
-        log(f"done in {time.perf_counter() - started:.1f} s. run dir: {os.path.abspath(run_dir)}")
-        log(f"  config:      {run_dir}/config.yaml")
-        log(f"  tensorboard: tensorboard --logdir {run_dir}")
-        if metrics is not None:
-            s, t = metrics["student"], metrics["teacher"]
-            log(f"  metrics:     {run_dir}/evaluate/metrics.json")
-            log(f"  samples:     {run_dir}/evaluate/student_samples.png, {run_dir}/evaluate/teacher_samples.png")
-            log(f"  student FD {s['fd']:.4g} (precision {s['precision']:.3f}, recall {s['recall']:.3f}) vs teacher "
-                f"FD {t['fd']:.4g} (precision {t['precision']:.3f}, recall {t['recall']:.3f}); "
-                f"ratio {metrics['fd_ratio_student_over_teacher']:.2f}")
-            log("  " + json.dumps({k: v for k, v in s.items() if k not in ("fd", "precision", "recall")}))
+        print_summary(run_dir, metrics, time.perf_counter() - started, log)
     shutdown()
     return 0
 

@@ -11,10 +11,14 @@ pass; the decode runs in fp32 (SDXL's VAE overflows in fp16 / bf16: `force_upcas
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.loading import resolve_model_dir
 from trainer.families.configs import load_config
 
 # both were trained on ImageNet-normalised RGB (transformers' SamImageProcessor / BitImageProcessor defaults)
@@ -32,9 +36,6 @@ def vision_config(kind: str, config_name: str | None = None, pretrained: str | N
     """The vision model's constructor config: the pretrained folder's (or hub id's) config.json, else the checked-in
     one. A full SAM checkpoint (SamModel) nests the encoder's under `vision_config`."""
     if pretrained:
-        from parallel.loading import resolve_model_dir
-        import json
-        import os
         with open(os.path.join(resolve_model_dir(pretrained), "config.json")) as f:
             config = json.load(f)
         return {k: v for k, v in config.get("vision_config", config).items() if not k.startswith("_")}
@@ -51,7 +52,6 @@ def build_vision(kind: str, config: dict) -> nn.Module:
 def pretrained_vision_state(kind: str, pretrained: str) -> dict[str, torch.Tensor]:
     """The encoder's weights through transformers' own loader (a SAM checkpoint's prompt encoder and mask decoder are
     dropped; DINOv2's legacy key names converted): ~90 M parameters, read whole on each rank."""
-    from parallel.loading import resolve_model_dir
     return vision_class(kind).from_pretrained(resolve_model_dir(pretrained)).state_dict()
 
 

@@ -17,10 +17,19 @@ import argparse
 import os
 import sys
 
-import trainer  # noqa: F401  (runtime env defaults)
+import numpy as np
+import torch
+
+from parallel.runtime_env import apply_runtime_defaults
+from trainer.config import load_recipe
+from trainer.evaluation import eval_labels
+from trainer.sampling import student_sample
+from trainer.stages.artifacts import final_stage, stage_student_path
+from trainer.stages.students import draw_student_samples, load_student
 
 
 def main(argv=None) -> int:
+    apply_runtime_defaults()
     parser = argparse.ArgumentParser(prog="python -m trainer.sample", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
@@ -34,8 +43,6 @@ def main(argv=None) -> int:
     config = os.path.join(args.run_dir, "config.yaml")
     student = None
     if os.path.isfile(config):
-        from trainer.config import load_recipe
-        from trainer.stages import final_stage, stage_student_path
         student = stage_student_path(args.run_dir, final_stage(load_recipe(config)) or "distill")
     if student is None or not os.path.isfile(student):
         print(f"error: {args.run_dir}: no finished training stage (missing {config if student is None else student}) "
@@ -44,16 +51,12 @@ def main(argv=None) -> int:
     if args.num <= 0 or (args.steps is not None and args.steps <= 0):
         print("error: --num and --steps must be positive", file=sys.stderr)
         return 2
-    import numpy as np
-    from trainer.evaluation import eval_labels
-    from trainer.stages import draw_student_samples, load_student
     recipe, family, denoiser, generator = load_student(args.run_dir)
     if recipe.family.name == "toy":
         labels = eval_labels(args.num, family.dataset)
         samples = draw_student_samples(recipe, family, denoiser, generator, labels, args.seed, args.steps)
         out_labels = labels.numpy() if family.conditional else np.full(args.num, -1, dtype=np.int64)
     else:
-        import torch
         try:
             ids = [int(v) for v in args.prompt_ids.split(",")] if args.prompt_ids else list(range(args.num))
         except ValueError:
@@ -75,8 +78,6 @@ def main(argv=None) -> int:
 def sample_latents(recipe, family, denoiser, generator, labels, seed: int, num_steps: int | None = None):
     """[N, *data_shape] latents of the student's K-step sampler, noise drawn as the stock pipelines draw it (one
     CPU generator seeded with `seed`: the initial latents, then each step's fresh noise)."""
-    import torch
-    from trainer.sampling import student_sample
     g = recipe.distill.generator
     num_steps = num_steps or g.num_steps
     rng = torch.Generator().manual_seed(seed)

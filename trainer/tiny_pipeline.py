@@ -13,7 +13,10 @@ import argparse
 import os
 import sys
 
-import trainer  # noqa: F401  (runtime env defaults)
+from parallel.runtime_env import apply_runtime_defaults
+from trainer.families import family_class
+from trainer.families.configs import load_config
+
 
 MODELS = ("sdxl_tiny", "sd3_medium_tiny", "sd35_large_tiny", "cogvideox_2b_tiny", "cogvideox_5b_tiny")
 BOS, EOS, PAD = "<|startoftext|>", "<|endoftext|>", "<pad>"
@@ -64,8 +67,6 @@ def image_vae(latent_channels: int, **extra):
 
 
 def denoiser(model: str):
-    from trainer.families import family_class
-    from trainer.families.configs import load_config
     name = "sdxl" if model.startswith("sdxl") else "sd3" if model.startswith("sd3") else "cogvideox"
     config = {k: v for k, v in load_config(model).items() if not k.startswith("_")}
     return family_class(name).denoiser_class.__mro__[1].from_config(config)   # the stock diffusers class
@@ -113,6 +114,7 @@ def save_tiny_pipeline(model: str, out_dir: str, seed: int = 0) -> str:
 
 
 def main(argv=None) -> int:
+    apply_runtime_defaults()
     parser = argparse.ArgumentParser(prog="python -m trainer.tiny_pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help=", ".join(MODELS))

@@ -1,4 +1,4 @@
-"""DistillTrainer: the role-agnostic loop. For each step: build this rank's batch and random source, then for each
+"""StageTrainer: the role-agnostic loop of every training stage (teacher, pretrain, distill). For each step: build this rank's batch and random source, then for each
 phase of the method: freeze the roles it does not update, compute its loss, backward, clip, step, EMA.
 
 It owns checkpoint cadence, resume, metric reduction and logging; the method owns only the math.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -15,11 +16,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from parallel.randomness import StepRandom, sample_indices
 from trainer.checkpoint import Checkpointer
+from trainer.config import GuardsConfig
 from trainer.guards import GuardError, Guards, nonfinite_flag, sample_statistics
 from trainer.methods.base import LossOut, Method, Nets, StepContext
 from trainer.monitor import Monitor
-from trainer.randomness import StepRandom, sample_indices
+from trainer.sampling import student_sample
 
 
 PREEMPT_FILE_ENV = "DMDX_PREEMPT_FILE"
@@ -30,7 +33,6 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
                 "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
-    import resource
     return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -51,19 +53,27 @@ class LoopConfig:
     sample_every: int = 0                    # steps between fixed-seed sample grids in tensorboard; 0: off
 
 
-class DistillTrainer:
+def loop_config(train, seed: int) -> LoopConfig:
+    """A stage's `train:` section (trainer/config.py TrainConfig) as the loop's settings."""
+    return LoopConfig(steps=train.steps, batch_size=train.batch_size, micro_batch_size=train.micro_batch_size,
+                      seed=seed, log_every=train.log_every, checkpoint_every=train.checkpoint_every,
+                      keep_last=train.keep_last, bf16=train.bf16, sample_every=train.sample_every)
+
+
+class StageTrainer:
     def __init__(self, *, stage_dir: str, stage_name: str, method: Method, nets: Nets, backend, denoiser, family,
                  loop: LoopConfig, dist_info, student_timesteps: list[float],
-                 conditioning_timestep: Optional[float] = None, real_stream=None, guards_cfg=None,
-                 generator_denoiser=None):
+                 conditioning_timestep: Optional[float] = None, data_source=None, guards_cfg=None,
+                 generator_denoiser=None, provenance: Optional[dict] = None):
         self.stage_dir, self.stage_name = stage_dir, stage_name
         self.method, self.nets, self.backend = method, nets, backend
         self.denoiser, self.family, self.loop, self.dist = denoiser, family, loop, dist_info
         self.generator_denoiser = generator_denoiser or denoiser   # the student's parameterisation (§10.7)
         self.student_timesteps, self.conditioning_timestep = student_timesteps, conditioning_timestep
-        self.real_stream = real_stream
+        self.data_source = data_source
+        self.provenance = provenance or {}   # this attempt's record (trainer/provenance.py), in every checkpoint
+        self.after_phase = None              # optional hook(step, phase, loss_out): tests record each phase here
         if guards_cfg is None:
-            from trainer.config import GuardsConfig
             guards_cfg = GuardsConfig()
         self.guards = Guards(guards_cfg)
         self.checkpointer = Checkpointer(stage_dir, loop.keep_last, dist_info.is_main)
@@ -82,15 +92,15 @@ class DistillTrainer:
     def extra_state(self) -> dict:
         """Counters and the data position (JSON): a stream's global position survives a change of world size;
         the bundled toy data needs none (it is a pure function of samples_seen)."""
-        data = self.real_stream.state_dict() if hasattr(self.real_stream, "state_dict") else {}
+        data = self.data_source.state_dict() if hasattr(self.data_source, "state_dict") else {}
         return {"step": self.step, "samples_seen": self.samples_seen, "data": data,
-                "world_size": self.dist.world_size, "device_hours": self.device_hours}
+                "world_size": self.dist.world_size, "device_hours": self.device_hours, "provenance": self.provenance}
 
     def load_extra_state(self, extra: dict) -> None:
         self.step, self.samples_seen = extra["step"], extra["samples_seen"]
         self.device_hours = extra.get("device_hours", 0.0)
-        if extra.get("data") and hasattr(self.real_stream, "load_state_dict"):
-            self.real_stream.load_state_dict(extra["data"])
+        if extra.get("data") and hasattr(self.data_source, "load_state_dict"):
+            self.data_source.load_state_dict(extra["data"])
 
     def resume(self) -> bool:
         path = self.checkpointer.latest_path()
@@ -119,12 +129,12 @@ class DistillTrainer:
                           generator_trains=self.method.generator_trains_at(step),
                           generator_denoiser=self.generator_denoiser)
         if self.method.needs_real_data:
-            real_x, real_y = real if real is not None else self.real_stream.batch(indices)
+            real_x, real_y = real if real is not None else self.data_source.batch(indices)
             ctx.real_x = real_x.to(info.device, torch.float32)
             ctx.real_cond = self.family.condition(real_y.to(info.device))
         if self.method.needs_pairs:
             # the pairs' prompts replace the generated ones: the student must see each noise with ITS prompt
-            noise, output, pair_labels = real if real is not None else self.real_stream.batch(indices)
+            noise, output, pair_labels = real if real is not None else self.data_source.batch(indices)
             ctx.pair_noise = noise.to(info.device, torch.float32)
             ctx.pair_output = output.to(info.device, torch.float32)
             ctx.cond = self.family.condition(pair_labels.to(info.device))
@@ -143,7 +153,7 @@ class DistillTrainer:
             return [self.make_context(step, indices)]
         count = len(indices) // size
         needs_data = self.method.needs_real_data or self.method.needs_pairs
-        data = self.real_stream.batch(indices) if needs_data else None
+        data = self.data_source.batch(indices) if needs_data else None
         return [self.make_context(step, indices[m::count],
                                   None if data is None else tuple(field[m::count] for field in data))
                 for m in range(count)]
@@ -193,6 +203,8 @@ class DistillTrainer:
         for phase in self.method.phases(step):
             t0 = time.perf_counter()
             out = self.phase_backward(phase, contexts, poison)
+            if self.after_phase is not None:
+                self.after_phase(step, phase, out)   # gradients are complete and not yet clipped or stepped
             # a non-finite loss on any rank skips this phase's update on the device (trainer/guards.py)
             skip = nonfinite_flag(out.loss)
             norms = self.backend.clip_and_step(phase.updates, skip)
@@ -221,7 +233,6 @@ class DistillTrainer:
     def log_sample_grid(self, monitor: Monitor) -> None:
         """The generator's K-step samples for fixed noise and prompts (the same every time) as a tensorboard image.
         Every rank runs the forward (sharded generators gather their weights); rank 0 renders and writes."""
-        from trainer.sampling import student_sample
         n, device = self.GRID_SAMPLES, self.dist.device
         rand = StepRandom(self.GRID_SEED, 0, range(n), device)
         cond = self.family.condition(self.family.prompt_labels(range(n), self.GRID_SEED).to(device))

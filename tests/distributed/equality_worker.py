@@ -11,21 +11,23 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-import trainer  # noqa: E402,F401
+from parallel.runtime_env import apply_runtime_defaults  # noqa: E402
+apply_runtime_defaults()
 import torch  # noqa: E402
 
 from parallel.distributed import init_distributed  # noqa: E402
 from tests.helpers import recorded_steps  # noqa: E402
 from trainer.config import load_recipe  # noqa: E402
-from trainer.stages import build_stage_trainer, ensure_pixel_backbone  # noqa: E402
+from trainer.stages.teacher import ensure_pixel_backbone
+from trainer.stages.training import build_stage_trainer  # noqa: E402
 
-backend, out_dir, toy_teacher, sdxl_teacher, real_stream, pairs = sys.argv[1:7]
+backend, out_dir, toy_teacher, sdxl_teacher, data_source, pairs = sys.argv[1:7]
 info = init_distributed(need_group=backend != "data_parallel")
 STEPS = 5
 FAMILIES = {
     "toy": ("recipes/tiny/toy_smoke.yaml", [f"teacher.pretrained={toy_teacher}", "family.hidden=32",
                                              "distill.train.batch_size=8", "distill.train.micro_batch_size=4"]),
-    "sdxl": ("recipes/tiny/sdxl_tiny.yaml", [f"teacher.pretrained={sdxl_teacher}", f"data.real_remote={real_stream}",
+    "sdxl": ("recipes/tiny/sdxl_tiny.yaml", [f"teacher.pretrained={sdxl_teacher}", f"data.real_remote={data_source}",
                                               "distill.train.batch_size=4", "distill.train.micro_batch_size=2"]),
 }
 

@@ -10,12 +10,13 @@ from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-import trainer  # noqa: E402,F401
+from parallel.runtime_env import apply_runtime_defaults  # noqa: E402
+apply_runtime_defaults()
 import torch  # noqa: E402
 
 from parallel.distributed import init_distributed  # noqa: E402
 from trainer.config import load_recipe  # noqa: E402
-from trainer.stages import build_distill_trainer  # noqa: E402
+from trainer.stages.training import build_stage_trainer  # noqa: E402
 
 mode, teacher, run_dir = sys.argv[1:4]
 info = init_distributed(need_group=True)
@@ -28,7 +29,7 @@ def build(method="adm", steps=100, dp_replicate=1):
         "parallel.backend=fsdp2", f"distill.method.name={method}", "distill.method.ttur=1",
         "distill.train.batch_size=8", f"distill.train.steps={steps}", "distill.train.ema_decay=0.9",
         f"parallel.dp_replicate={dp_replicate}", *extra])
-    return build_distill_trainer(recipe, run_dir, info)
+    return build_stage_trainer(recipe, run_dir, info)
 
 
 if mode == "steps":

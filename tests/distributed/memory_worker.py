@@ -11,11 +11,12 @@ from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-import trainer  # noqa: E402,F401
+from parallel.runtime_env import apply_runtime_defaults  # noqa: E402
+apply_runtime_defaults()
 import torch  # noqa: E402
 
 from parallel.distributed import init_distributed  # noqa: E402
-from parallel.plan import _StepTracker, build_trainer  # noqa: E402
+from trainer.memory_plan import _StepTracker, build_trainer  # noqa: E402
 from trainer.config import load_recipe  # noqa: E402
 from trainer.families import build_family  # noqa: E402
 

@@ -10,12 +10,13 @@ from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-import trainer  # noqa: E402,F401
+from parallel.runtime_env import apply_runtime_defaults  # noqa: E402
+apply_runtime_defaults()
 import torch  # noqa: E402
 
 from parallel.distributed import init_distributed  # noqa: E402
 from trainer.config import load_recipe  # noqa: E402
-from trainer.stages import build_distill_trainer  # noqa: E402
+from trainer.stages.training import build_stage_trainer  # noqa: E402
 
 teacher, out = sys.argv[1:3]
 info = init_distributed(need_group=True)
@@ -26,7 +27,7 @@ for backend in ("fsdp2", "zero3"):
         f"run.dir={run_dir}", "stages=[distill]", f"teacher.pretrained={teacher}", "family.hidden=32",
         "distill.train.batch_size=8", f"parallel.backend={backend}", "parallel.zero3_persistence_threshold=0",
         "guards.inject_nan_at_steps=[1]"])
-    t = build_distill_trainer(recipe, run_dir, info)
+    t = build_stage_trainer(recipe, run_dir, info)
     roles = list(t.backend.optimizers)
 
     def weights():

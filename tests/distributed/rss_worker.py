@@ -10,11 +10,12 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-import trainer  # noqa: E402,F401
+from parallel.runtime_env import apply_runtime_defaults  # noqa: E402
+apply_runtime_defaults()
 
 from parallel.distributed import init_distributed  # noqa: E402
 from trainer.config import load_recipe  # noqa: E402
-from parallel.backend import build_backend  # noqa: E402
+from parallel.backends import build_backend  # noqa: E402
 from trainer.families import build_family  # noqa: E402
 
 backend, teacher, run_dir, out = sys.argv[1:5]

@@ -18,7 +18,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-import trainer  # noqa: E402,F401
+from parallel.runtime_env import apply_runtime_defaults  # noqa: E402
+apply_runtime_defaults()
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -26,7 +27,7 @@ from parallel.distributed import init_distributed  # noqa: E402
 from parallel.sequence import SequenceShards  # noqa: E402
 from tests.helpers import recorded_steps  # noqa: E402
 from trainer.config import load_recipe  # noqa: E402
-from trainer.stages import build_stage_trainer  # noqa: E402
+from trainer.stages.training import build_stage_trainer  # noqa: E402
 
 backend, out_dir, pipeline = sys.argv[1:4]
 info = init_distributed(need_group=True)

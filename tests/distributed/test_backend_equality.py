@@ -69,7 +69,7 @@ def inputs(tmp_path_factory):
 
 def collect_toy_pairs(tmp, teacher: str) -> str:
     """32 ODE pairs of the random toy teacher (the ADP case's data)."""
-    from data.collect import collect_pairs
+    from trainer.collect import collect_pairs
     from tests.helpers import SINGLE
     out = str(tmp / "pairs")
     recipe = tiny_recipe(tmp, "family.hidden=32", f"teacher.pretrained={teacher}", "collect.num_pairs=64",

@@ -42,7 +42,7 @@ def check_flow_export(run_dir, out):
     import torch
     from trainer.export import main as export_main
     from tests.distributed.test_families import stock_output
-    from trainer.stages import load_student
+    from trainer.stages.students import load_student
     assert export_main([str(run_dir), "--out", str(out)]) == 0
     recipe, family, _, generator = load_student(str(run_dir))
     labels = torch.tensor([1, 4])

@@ -74,7 +74,7 @@ CASES = [(model, backend) for model in sorted(RUNS) for backend in ("fsdp2", "ze
 def test_tiny_twin_trains_on_two_ranks_and_exports_to_the_stock_pipeline(pipelines, model, backend):
     from trainer.export import main as export_main
     from trainer.sample import main as sample_main
-    from trainer.stages import load_student
+    from trainer.stages.students import load_student
     root, folders = pipelines
     run_dir = root / f"run_{model}_{backend}"
     train(run_dir, model, folders[model], backend)

@@ -18,8 +18,9 @@ LIMIT = 0.10   # both backends
 
 PREDICT = """
 import json, sys
-import trainer
-from parallel.plan import plan_memory
+from parallel.runtime_env import apply_runtime_defaults
+apply_runtime_defaults()
+from trainer.memory_plan import plan_memory
 from trainer.config import load_recipe
 out = {}
 for backend in ("fsdp2", "zero3"):

@@ -124,7 +124,7 @@ def test_collect_resumes_after_a_crash_writing_only_missing_parts(tmp_path):
     recipe = tiny_recipe(tmp_path)
     teacher = random_teacher(tmp_path, recipe)
     out = tmp_path / "pairs"
-    args = [sys.executable, "-m", "data.collect", SMOKE, f"run.dir={tmp_path}/run", f"teacher.pretrained={teacher}",
+    args = [sys.executable, "-m", "trainer.collect", SMOKE, f"run.dir={tmp_path}/run", f"teacher.pretrained={teacher}",
             "family.hidden=32", f"collect.out={out}", "collect.num_pairs=24", "collect.micro_batch=8",
             "collect.sampler_steps=4"]
     subprocess.run(args, check=True, env=ENV, cwd=ROOT, capture_output=True, timeout=300)
@@ -150,9 +150,9 @@ def test_collect_two_ranks_equals_one_rank(tmp_path):
     common = [SMOKE, f"run.dir={tmp_path}/run", f"teacher.pretrained={teacher}", "family.hidden=32",
               "collect.num_pairs=64", "collect.micro_batch=8", "collect.sampler_steps=4",
               "distill.method.guidance_scale=2.0"]
-    subprocess.run([sys.executable, "-m", "data.collect", *common, f"collect.out={tmp_path}/one"], check=True,
+    subprocess.run([sys.executable, "-m", "trainer.collect", *common, f"collect.out={tmp_path}/one"], check=True,
                    env=ENV, cwd=ROOT, capture_output=True, timeout=300)
-    torchrun(2, "-m", "data.collect", *common, f"collect.out={tmp_path}/two")
+    torchrun(2, "-m", "trainer.collect", *common, f"collect.out={tmp_path}/two")
     one, two = read_all(tmp_path / "one"), read_all(tmp_path / "two")
     assert len(one) == len(two) == 64
     for a, b in zip(one, two):

@@ -29,7 +29,7 @@ def test_invariant_26_student_input_and_velocity_target(adp):
 
 
 def test_invariant_10_cubic_times_as_adp_draws_them(adp):
-    from trainer.randomness import StepRandom
+    from parallel.randomness import StepRandom
     ctx = adp.make_context(0)
     ctx.rand = StepRandom(0, 0, range(100_000))
     t = adp.method.student_times(ctx)
@@ -73,7 +73,7 @@ def test_invariant_25_weights_sum_to_one(tmp_path):
 def test_invariant_25_real_and_fake_renoised_alike(adp):
     """D1's real and fake sides draw t' from the same uniform distribution, independently by default (§10.9) and
     identically with share_renoise."""
-    from trainer.randomness import StepRandom
+    from parallel.randomness import StepRandom
     ctx = adp.make_context(0)
     ctx.rand = StepRandom(0, 0, range(20_000))
     x = torch.zeros(20_000, ctx.data_shape[0])
@@ -145,7 +145,7 @@ def test_pairs_prompts_condition_the_student(adp):
     """The student sees each pair's noise with the prompt (class) the teacher used for it."""
     ctx = adp.make_context(0)
     labels = ctx.cond["class_labels"]
-    batch = adp.real_stream.stream.dataset   # the stream's own samples carry the labels written at collect time
+    batch = adp.data_source.stream.dataset   # the stream's own samples carry the labels written at collect time
     by_id = {int(batch[i]["id"]): int(batch[i]["label"]) for i in range(batch.num_samples)}
     noise_rows = {tuple(batch[i]["noise"][:4].tolist()): int(batch[i]["label"]) for i in range(batch.num_samples)}
     for row, label in zip(ctx.pair_noise, labels):

@@ -8,7 +8,7 @@ import torch
 
 from tests.helpers import ROOT
 from trainer.config import load_recipe
-from trainer.families import build_family
+from trainer.families import build_family, family_class
 from trainer.tiny_pipeline import save_tiny_pipeline
 
 TWINS = {"sd3_medium_tiny": "sd3_medium_tiny.yaml", "sd35_large_tiny": "sd35_large_tiny.yaml",
@@ -74,7 +74,7 @@ def test_prompt_embeddings_are_the_pipelines_own(model, pipelines, tmp_path):
     from trainer.families.prompts import encode_prompt_file, read_prompts
     prompts = os.path.join(ROOT, "recipes", "prompts", "tiny.txt")
     recipe = twin(model, pipelines, tmp_path, f"family.prompts={prompts}", "family.uncond=empty_prompt")
-    encode_prompt_file(recipe, recipe.run.dir, lambda message: None)
+    encode_prompt_file(recipe, recipe.run.dir, lambda message: None, family_class(recipe.family.name))
     family = build_family(recipe)
     texts = read_prompts(prompts)
     assert family.num_prompts == len(texts)
@@ -113,17 +113,17 @@ def test_prompt_table_is_checked_against_its_file(pipelines, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
     recipe = twin("sd3_medium_tiny", pipelines, tmp_path, f"family.prompts={prompts}")
-    encode_prompt_file(recipe, recipe.run.dir, lambda message: None)
+    encode_prompt_file(recipe, recipe.run.dir, lambda message: None, family_class(recipe.family.name))
     assert build_family(recipe).num_prompts == 2
     prompts.write_text("a cat\na dog\na bird\n")   # edited after encoding: the stale table is refused
     with pytest.raises(FileNotFoundError, match="no embeddings of"):
         build_family(recipe)
-    encode_prompt_file(recipe, recipe.run.dir, lambda message: None)
+    encode_prompt_file(recipe, recipe.run.dir, lambda message: None, family_class(recipe.family.name))
     assert build_family(recipe).num_prompts == 3
     wrong = twin("sd3_medium_tiny", pipelines, tmp_path, f"family.prompts={prompts}", "family.prompt_length=6",
                  f"run.dir={tmp_path / 'other'}")
     with pytest.raises(ValueError, match="prompt_length must equal"):
-        encode_prompt_file(wrong, wrong.run.dir, lambda message: None)
+        encode_prompt_file(wrong, wrong.run.dir, lambda message: None, family_class(wrong.family.name))
 
 
 def test_cogvideox_shapes_and_bad_sizes(pipelines, tmp_path):

@@ -6,7 +6,7 @@ from tests.helpers import distill_trainer
 from trainer.denoiser import Denoiser
 from trainer.methods.adm import ADM
 from trainer.methods.base import Nets, StepContext
-from trainer.randomness import StepRandom
+from parallel.randomness import StepRandom
 from trainer.schedules import DDPMSchedule, FlowSchedule
 
 ROLES = ("generator", "teacher", "fake_score", "heads")

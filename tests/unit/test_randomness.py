@@ -2,7 +2,7 @@
 import torch
 
 from data.toy import ToyStream, load_toy
-from trainer.randomness import StepRandom, derive_seed, sample_indices
+from parallel.randomness import StepRandom, derive_seed, sample_indices
 
 
 def test_two_ranks_draw_what_one_rank_draws():

@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import os
 
-# the teacher's native parameterisation per family (ALGORITHMS.md §1.1): a recipe whose schedule says otherwise is
-# a configuration error
+from trainer.families.cogvideox import CogVideoXFamily
+from trainer.families.prompts import load_prompt_table
+from trainer.families.sd3 import SD3Family
+from trainer.families.sdxl import SDXLFamily
+from trainer.families.toy import ToyFamily
+
+# the teacher's native parameterisation per family (docs/algorithms.md "One denoiser"): a recipe whose schedule says
+# otherwise is a configuration error
 TEACHER_PREDICTION = {"sdxl": "eps", "sd3": "flow", "cogvideox": "v"}
 
 
 def family_class(name: str):
     if name == "sdxl":
-        from trainer.families.sdxl import SDXLFamily
         return SDXLFamily
     if name == "sd3":
-        from trainer.families.sd3 import SD3Family
         return SD3Family
     if name == "cogvideox":
-        from trainer.families.cogvideox import CogVideoXFamily
         return CogVideoXFamily
     raise ValueError(f"unknown family '{name}'")
 
@@ -27,7 +30,6 @@ def build_family(recipe, planning: bool = False):
     """planning: the memory planner's use; a pretrained teacher that is not a local folder (a hub id that is not
     cached here) is described by the family's checked-in config instead of being resolved."""
     if recipe.family.name == "toy":
-        from trainer.families.toy import ToyFamily
         return ToyFamily(recipe.family)
     pretrained = recipe.teacher.pretrained
     if planning and pretrained and not os.path.isdir(pretrained):
@@ -36,6 +38,5 @@ def build_family(recipe, planning: bool = False):
         pretrained = None
     prompt_table = None
     if recipe.family.prompts is not None and not planning:
-        from trainer.families.prompts import load_prompt_table
         prompt_table = load_prompt_table(recipe)
     return family_class(recipe.family.name)(recipe.family, pretrained, prompt_table)

@@ -17,6 +17,9 @@ import hashlib
 import os
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 EMBEDDINGS = os.path.join("prompts", "embeddings.safetensors")
 CHUNK = 32   # prompts per encode_prompt call
@@ -69,13 +72,10 @@ def encode(pipeline, family, prompts: list[str]) -> dict[str, torch.Tensor]:
         return {"encoder_hidden_states": tokens}
 
 
-def encode_prompt_file(recipe, run_dir: str, log) -> str:
+def encode_prompt_file(recipe, run_dir: str, log, family_class) -> str:
     """Write <run_dir>/prompts/embeddings.safetensors for recipe.family.prompts unless it is there for the same file.
-    Rank 0 only (the caller's barrier makes the others wait). Returns the path."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    from trainer.families import family_class
+    Rank 0 only (the caller's barrier makes the others wait). Returns the path. family_class: the recipe's family
+    (trainer/families/__init__.py `family_class`)."""
     path = os.path.join(run_dir, EMBEDDINGS)
     digest = prompts_digest(recipe.family.prompts)
     if os.path.isfile(path) and stored_digest(path) == digest:
@@ -83,7 +83,7 @@ def encode_prompt_file(recipe, run_dir: str, log) -> str:
         return path
     prompts = read_prompts(recipe.family.prompts)
     # the family for its embedding layout only: a placeholder table (one row per prompt) skips the random one
-    family = family_class(recipe.family.name)(recipe.family, recipe.teacher.pretrained,
+    family = family_class(recipe.family, recipe.teacher.pretrained,
                                               prompt_table={"placeholder": torch.empty(len(prompts), 0)})
     pipeline = load_text_pipeline(recipe)
     chunks = []
@@ -106,7 +106,6 @@ def encode_prompt_file(recipe, run_dir: str, log) -> str:
 
 
 def stored_digest(path: str) -> str | None:
-    from safetensors import safe_open
     with safe_open(path, "pt") as f:
         return (f.metadata() or {}).get("prompts_sha256")
 
@@ -114,7 +113,6 @@ def stored_digest(path: str) -> str | None:
 def load_prompt_table(recipe) -> dict:
     """{name: [P, ...]} of the encoded prompt file, plus `empty.<name>` rows; a missing or stale file is an error
     naming the command that writes it."""
-    from safetensors.torch import load_file
     path = os.path.join(recipe.run.dir, EMBEDDINGS)
     if not os.path.isfile(path) or stored_digest(path) != prompts_digest(recipe.family.prompts):
         raise FileNotFoundError(f"{path}: no embeddings of {recipe.family.prompts} (hint: run python -m trainer.main "

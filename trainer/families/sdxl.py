@@ -12,12 +12,13 @@ the family's prompt table (trainer/families/latent.py).
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from parallel.loading import StateSource, resolve_model_dir
+from parallel.loading import PrefixedSource, StateSource, TensorsSource, resolve_model_dir
 from trainer.families.configs import load_config
 from trainer.families.latent import LatentFamily
 from trainer.heads import FeatureHeads
+from trainer.pixel_backbones import MODELS, PixelBackbone, build_vision, pretrained_vision_state, vision_config
 
 VAE_SCALE = 8   # SDXL's VAE downsamples 8x
 
@@ -99,7 +100,6 @@ class SDXLFamily(LatentFamily):
 
     # --- ADP's pixel discriminator: VAE decode -> SAM / DINOv2 (trainer/pixel_backbones.py) --------------------
     def vae_config(self) -> dict:
-        from diffusers import AutoencoderKL
         if self.pretrained:
             config = dict(AutoencoderKL.load_config(resolve_model_dir(self.pretrained, "vae")))
         else:
@@ -107,19 +107,15 @@ class SDXLFamily(LatentFamily):
         return {k: v for k, v in config.items() if not k.startswith("_")}
 
     def vision_config(self) -> dict:
-        from trainer.pixel_backbones import MODELS, vision_config
         full, tiny = MODELS[self.cfg.pixel_backbone]
         return vision_config(self.cfg.pixel_backbone, tiny if self.cfg.model == "sdxl_tiny" else full,
                              self.cfg.pixel_backbone_pretrained)
 
     def build_pixel_backbone(self):
-        from diffusers import AutoencoderKL
-        from trainer.pixel_backbones import PixelBackbone, build_vision
         return PixelBackbone(self.cfg.pixel_backbone, build_vision(self.cfg.pixel_backbone, self.vision_config()),
                              AutoencoderKL.from_config(self.vae_config()), self.cfg.pixel_image_size)
 
     def build_pixel_heads(self) -> FeatureHeads:
-        from trainer.pixel_backbones import PixelBackbone, build_vision
         with torch.device("meta"):
             shapes = PixelBackbone(self.cfg.pixel_backbone, build_vision(self.cfg.pixel_backbone,
                                                                          self.vision_config()),
@@ -130,8 +126,6 @@ class SDXLFamily(LatentFamily):
         """The backbone's weights: the VAE from the teacher pipeline's vae/, the vision encoder from
         family.pixel_backbone_pretrained (a SAM checkpoint's `vision_encoder.` keys, or a DINOv2 model). Without
         them (the tiny twin) both are random with a fixed seed, written once under the run's teacher/ folder."""
-        from parallel.loading import PrefixedSource, TensorsSource
-        from trainer.pixel_backbones import pretrained_vision_state
         if self.pretrained is None or self.cfg.pixel_backbone_pretrained is None:
             return StateSource(path)
         vision = TensorsSource(pretrained_vision_state(self.cfg.pixel_backbone, self.cfg.pixel_backbone_pretrained))

@@ -12,6 +12,7 @@ from torch import nn
 
 from data.toy import ToyDataset, class_labels_for, load_toy
 from parallel.loading import StateSource
+from trainer.evaluation import sample_grid_png, train_classifier
 from trainer.heads import FeatureHeads, HybridHeads
 
 
@@ -114,7 +115,6 @@ class ToyFamily:
 
     def train_pixel_backbone(self) -> dict[str, torch.Tensor]:
         """The backbone's weights: the classifier trained on `classifier_b` (deterministic, about a second)."""
-        from trainer.evaluation import train_classifier
         return train_classifier(self.dataset, split="classifier_b").state_dict()
 
     def pixel_backbone_source(self, path: str) -> StateSource:
@@ -143,7 +143,6 @@ class ToyFamily:
 
     def render_grid(self, samples: torch.Tensor):
         """HWC uint8 image of generator samples [N, D] (tensorboard's periodic sample grid)."""
-        from trainer.evaluation import sample_grid_png
         return sample_grid_png(samples.float().cpu(), self.dataset, None)
 
     # --- conditioning -----------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ Gradient flow (§5.3): the generator's gradient passes through the fake score's 
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from trainer.denoiser import cat_conditions
 from trainer.guards import discriminator_accuracy
@@ -19,6 +22,18 @@ from trainer.losses import hinge_discriminator_loss, hinge_generator_loss
 from trainer.methods.base import LossOut, Phase, StepContext
 from trainer.methods.dmd import DMD
 from trainer.schedules import time_step_size
+from trainer.sections import Section
+
+
+class ADMConfig(Section):
+    """ADM (Lu et al. 2025): one ODE step of dt from the same x_t, hinge loss on teacher-backbone heads. docs/algorithms.md "ADM"."""
+    name: Literal["adm"] = "adm"
+    guidance_scale: float = Field(1.0, ge=0)
+    t_min_frac: float = Field(0.02, ge=0, le=1)
+    t_max_frac: float = Field(0.98, ge=0, le=1)
+    dt_frac: float = Field(1 / 64, gt=0, lt=1, description="dt = dt_frac * T in network time units")
+    ttur: int = Field(1, gt=0)
+    detach_fake_velocity: bool = False
 
 
 class ADM(DMD):

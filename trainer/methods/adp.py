@@ -1,6 +1,6 @@
 """ADP: Adversarial Distillation Pre-training (Lu et al., ICCV 2025, §3.3). ALGORITHMS.md §6; invariants 25-26.
 
-Data: teacher ODE pairs (x_T, x_0) (data.collect). The student sees the straight path between them
+Data: teacher ODE pairs (x_T, x_0) (trainer.collect). The student sees the straight path between them
     x_t = (1 - t/T) x_0 + (t/T) x_T,   t = (1 - u^3) T (cubic, biased to high noise),   x0_hat = x_t - (t/T) v_hat
 so at t = T its input is exactly the stored noise. Two hinge discriminators judge x0_hat against the pairs' x_0:
 - latent D1: frozen teacher backbone + heads; both sides re-noised with fresh noise to t' ~ U(0, T) (uniform, unlike
@@ -14,8 +14,11 @@ backbone into x0_hat (frozen weights, never under no_grad); the discriminator ph
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from trainer.denoiser import cat_conditions
 from trainer.guards import discriminator_accuracy
@@ -23,6 +26,23 @@ from trainer.heads import HybridHeads
 from trainer.losses import hinge_discriminator_loss, hinge_generator_loss
 from trainer.methods.base import LossOut, Method, Phase, StepContext
 from trainer.schedules import NUM_TRAIN_TIMESTEPS
+from trainer.sections import Section
+
+
+class ADPConfig(Section):
+    """ADP (Lu et al. 2025 §3.3; docs/algorithms.md "ADP"): velocity on the straight path between the pair's noise and
+    the teacher's output at cubic high-noise timesteps; hybrid hinge discriminators (latent: frozen teacher backbone +
+    heads on re-noised samples; pixel: decode -> frozen vision backbone + heads)."""
+    name: Literal["adp"] = "adp"
+    latent_weight: float = Field(0.85, ge=0, le=1, description="lambda1: latent discriminator")
+    pixel_weight: float = Field(0.15, ge=0, le=1, description="lambda2: pixel discriminator; lambda1 + lambda2 = 1")
+    timestep_power: float = Field(3.0, gt=0, description="student times t = (1 - u^p) T; 3: the paper's cubic")
+    renoise_t_min_frac: float = Field(0.0, ge=0, le=1, description="latent D re-noising t' ~ U[min, max] * T")
+    renoise_t_max_frac: float = Field(1.0, ge=0, le=1)
+    share_renoise: bool = Field(False, description="real and fake share (t', noise); default independent "
+                                "(docs/algorithms.md \"Open choices\")")
+    velocity_mse_weight: float = Field(0.0, ge=0, description="an optional velocity-MSE term on the pairs "
+                                       "(docs/algorithms.md \"Open choices\")")
 
 
 class ADP(Method):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from trainer.denoiser import Cond, Denoiser
-from trainer.randomness import StepRandom
+from parallel.randomness import StepRandom
 from trainer.sampling import student_input, student_predict
 
 

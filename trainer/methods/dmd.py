@@ -8,10 +8,23 @@ The ODE-pair regression regulariser of the original DMD is the separate regressi
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from trainer.losses import denoising_loss, dmd_gradient, dmd_surrogate_loss
 from trainer.methods.base import LossOut, Method, Phase, StepContext
+from trainer.sections import Section
+
+
+class DMDConfig(Section):
+    """DMD (Yin et al. 2024): reverse-KL gradient + fake-score denoising. docs/algorithms.md "DMD"."""
+    name: Literal["dmd"] = "dmd"
+    guidance_scale: float = Field(1.0, ge=0)
+    t_min_frac: float = Field(0.02, ge=0, le=1)
+    t_max_frac: float = Field(0.98, ge=0, le=1)
+    ttur: int = Field(1, gt=0, description="critic updates per generator update")
 
 
 class DMD(Method):

@@ -9,12 +9,24 @@ non-saturating loss and TTUR (critic every step, generator every `ttur`-th, 5 fo
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from trainer.guards import discriminator_accuracy
 from trainer.losses import denoising_loss, nonsaturating_discriminator_loss, nonsaturating_generator_loss
 from trainer.methods.base import LossOut, Phase, StepContext
-from trainer.methods.dmd import DMD
+from trainer.methods.dmd import DMD, DMDConfig
+
+
+class DMD2Config(DMDConfig):
+    """DMD2 (Yin et al. 2024b): DMD + GAN head on the fake score's features, real-data branch, TTUR.
+    docs/algorithms.md "DMD2"."""
+    name: Literal["dmd2"] = "dmd2"  # type: ignore[assignment]
+    ttur: int = Field(5, gt=0)
+    gen_gan_weight: float = Field(5e-3, ge=0)
+    disc_gan_weight: float = Field(1e-2, ge=0)
 
 
 class DMD2(DMD):

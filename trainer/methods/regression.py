@@ -7,10 +7,20 @@ images for SDXL; the toys live in pixel space already).
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch.nn.functional as F
+from pydantic import Field
 
 from trainer.methods.base import LossOut, Method, Phase, StepContext
 from trainer.sampling import student_predict
+from trainer.sections import Section
+
+
+class RegressionConfig(Section):
+    """ODE-pair regression: the student maps each pair's noise to ITS teacher output (DMD's regression loss,
+    DMD2's one-step initialisation, the ADM paper's ablation A1). MSE in data space. docs/algorithms.md "ODE-pair regression"."""
+    name: Literal["regression"] = "regression"
 
 
 class Regression(Method):

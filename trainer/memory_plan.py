@@ -1,6 +1,7 @@
 """The memory planner: predicted bytes per GPU for a recipe, a backend and a number of ranks, without weights.
 
-`python -m trainer.main RECIPE --dry-run [--world-size N]` prints it. Two parts:
+`python -m trainer.main RECIPE --dry-run [--world-size N]` prints it (docs/parallelism.md "The memory planner").
+The roles are assembled by trainer/stages/roles.py and parallelized by parallel/parallelize.py, as in a run. Two parts:
 
 1. Model states per role and rank, from the roles' parameter counts (every role built on the meta device):
    - fsdp2: fp32 parameter shards (the frozen teacher in the compute dtype), fp32 gradient shards and AdamW's two fp32 moments for
@@ -32,6 +33,20 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from parallel.backend import Backend
+from parallel.backends import build_backend
+from parallel.dims import ParallelDims
+from parallel.distributed import DistInfo
+from parallel.zero3 import bucket_elements
+from trainer.families import build_family
+from trainer.methods import build_method
+from trainer.stages.roles import assemble_roles, build_denoiser, build_generator_module
+from trainer.trainer import StageTrainer, loop_config
 
 GIB = 1 << 30
 
@@ -97,7 +112,6 @@ def _largest_layer_numel(module) -> int:
 
 def model_states(recipe, world_size: int, roles: dict) -> list[RoleStates]:
     """roles: name -> module (meta tensors are fine). Bytes per rank per role (see the module docstring)."""
-    from parallel.dims import ParallelDims
     p = recipe.parallel
     trainable = set(roles) - {"teacher"}
     out = []
@@ -120,7 +134,6 @@ def model_states(recipe, world_size: int, roles: dict) -> list[RoleStates]:
             # parameters below the persistence threshold stay whole on every rank
             small = sum(t.numel() for t in module.parameters() if t.numel() < p.zero3_persistence_threshold)
             big = numel - small
-            from parallel.zero3 import bucket_elements
             largest = _largest_layer_numel(module)
             bf16 = p.mixed_precision == "bf16"
             param_bytes = 2 if bf16 else 4
@@ -132,6 +145,8 @@ def model_states(recipe, world_size: int, roles: dict) -> list[RoleStates]:
                 r.buffers = param_bytes * bucket_elements(trained)
             elif role in trainable:
                 if bf16:
+                    # DeepSpeed's own estimator; imported here because importing deepspeed costs seconds and
+                    # only ZeRO-3 plans need it
                     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
                     _, total, _ = estimate_zero3_model_states_mem_needs(
                         big, largest, num_gpus_per_node=world_size, num_nodes=1, cpu_offload=False,
@@ -161,8 +176,6 @@ class _StepTracker:
     the peak is unchanged."""
 
     def __new__(cls):
-        from torch.distributed._tools.mem_tracker import MemTracker
-
         class StepTracker(MemTracker):
             def _pre_fw_hook(self, *args, **kwargs):
                 pass
@@ -179,54 +192,20 @@ class _StepTracker:
         return StepTracker()
 
 
-def build_trainer(recipe, dist_info, family, backend=None):
-    """A DistillTrainer over freshly initialised roles (no teacher file): what the planner and benchmarks trace."""
-    from parallel.backend import build_backend
-    from trainer.methods import Nets, build_method
-    from trainer.stages import build_denoiser, loop_config
-    from trainer.trainer import DistillTrainer
+def build_trainer(recipe, dist_info, family, backend=None) -> StageTrainer:
+    """A StageTrainer of the distill stage over freshly initialised roles (no weight files), assembled exactly as a run
+    assembles them (trainer/stages/roles.py): what the planner and the benchmarks trace."""
     method = build_method(recipe.distill.method)
     train = recipe.distill.train
     backend = backend or build_backend(recipe.parallel, dist_info, family, train.grad_clip, train.ema_decay)
-    nets = {}
-    frozen_dtype = torch.bfloat16 if recipe.parallel.mixed_precision == "bf16" else torch.float32
-
-    def sequence_parallel(module):
-        """The Ulysses processors when the backend has a sequence-parallel group (as stages.build_stage_nets)."""
-        if backend.sequence.active:
-            module.enable_sequence_parallel(backend.sequence)
-        return module
-
-    def build_frozen():
-        """The teacher built directly in the dtype FSDP2 holds frozen roles in (fake tensors cannot be cast)."""
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(frozen_dtype)
-        try:
-            return sequence_parallel(family.build_denoiser())
-        finally:
-            torch.set_default_dtype(default)
-
-    from trainer.stages import build_generator_module
-    nets["teacher"] = backend.build_role("teacher", build_frozen, None, trainable=False)
-    for role in ("generator", "fake_score"):
-        if role in method.trains:
-            build = (lambda: build_generator_module(recipe, family)) if role == "generator" else family.build_denoiser
-            nets[role] = backend.build_role(role, lambda build=build: sequence_parallel(build()), None,
-                                            trainable=True)
-    if "heads" in method.trains:
-        nets["heads"] = backend.build_role("heads", family.build_heads)
-    for role in method.trains:
-        backend.setup_optimizer(role, recipe.distill.optimizer[role])
-    backend.setup_ema()
-    backend.warm_up(family.example_inputs(2, dist_info.device))
+    nets = assemble_roles(recipe, None, backend, family, method, recipe.distill.optimizer, fresh=True)
     denoiser = build_denoiser(recipe)
     g = recipe.distill.generator
-    return DistillTrainer(stage_dir="/nonexistent/plan", stage_name="plan", method=method,
-                          nets=Nets(**{r: backend.modules[r] for r in nets}), backend=backend, denoiser=denoiser,
-                          family=family, loop=loop_config(train, recipe.run.seed), dist_info=dist_info,
-                          student_timesteps=denoiser.schedule.student_timesteps(g.num_steps),
-                          conditioning_timestep=g.conditioning_timestep,
-                          real_stream=SyntheticReal(family) if method.needs_real_data else None)
+    return StageTrainer(stage_dir="/nonexistent/plan", stage_name="plan", method=method, nets=nets, backend=backend,
+                        denoiser=denoiser, family=family, loop=loop_config(train, recipe.run.seed),
+                        dist_info=dist_info, student_timesteps=denoiser.schedule.student_timesteps(g.num_steps),
+                        conditioning_timestep=g.conditioning_timestep,
+                        data_source=SyntheticReal(family) if method.needs_real_data else None)
 
 
 class SyntheticReal:
@@ -247,7 +226,6 @@ def single_tensor_optimizers(backend) -> None:
     optimizer state fused, 864 MiB foreach, 64 MiB single-tensor; real tensors give 64 MiB on every path), which
     inflated every multi-rank plan by about (1 - 1/N) x the trained roles' moments. The single-tensor path holds the
     same state. It takes no found_inf, so the trace steps without the guards' skip flag (memory is the same)."""
-    from parallel.backend import Backend
     for optimizer in backend.optimizers.values():
         for group in optimizer.param_groups:
             group["fused"], group["foreach"] = False, False
@@ -256,13 +234,6 @@ def single_tensor_optimizers(backend) -> None:
 
 def trace_step(recipe, world_size: int, steps: int = 2) -> tuple[float, dict]:
     """(peak bytes, peak by category) of `steps` method steps of rank 0 of `world_size`, under fake tensors."""
-    import torch.distributed as dist
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from parallel.backend import build_backend
-    from parallel.distributed import DistInfo
-    from trainer.families import build_family
     traced = recipe.model_copy(deep=True)
     if traced.parallel.backend == "zero3":
         traced.parallel.backend = "fsdp2"
@@ -295,19 +266,16 @@ def trace_step(recipe, world_size: int, steps: int = 2) -> tuple[float, dict]:
 def plan_memory(recipe, world_size: int, trace: bool = True, traced_peak: float | None = None) -> MemoryPlan:
     """traced_peak: reuse the peak of an earlier trace of the same recipe and world size (it does not depend on the
     backend: ZeRO-3 is traced under FSDP2)."""
-    from trainer.families import build_family
-    from trainer.methods import build_method
     family = build_family(recipe, planning=True)
     method = build_method(recipe.distill.method)
     with torch.device("meta"):
-        from trainer.stages import build_generator_module
         roles = {"teacher": family.build_denoiser()}
         for role in ("generator", "fake_score"):
             if role in method.trains:
                 roles[role] = build_generator_module(recipe, family) if role == "generator" else \
                     family.build_denoiser()
         if "heads" in method.trains:
-            roles["heads"] = family.build_heads()
+            roles["heads"] = method.build_heads(family)
     states = model_states(recipe, world_size, roles)
     local_batch = recipe.distill.train.batch_size // (world_size // recipe.parallel.sp)   # per data-parallel rank
     plan = MemoryPlan(recipe.parallel.backend, world_size, local_batch, states, 0.0, 0.0,

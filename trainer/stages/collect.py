@@ -1,35 +1,34 @@
-"""`python -m data.collect RECIPE [key=value ...]`: teacher ODE pairs into an MDS stream (kind `ode_pairs`).
+"""The `collect` stage: teacher ODE pairs into an MDS stream (kind `ode_pairs`); `python -m trainer.collect` runs it
+alone.
 
 Pair i: noise drawn from the per-sample seed derive_seed(run.seed, 0, i, "ode_noise") (stored, with the unit-variance
 noise itself), the prompt / class of sample i, and the teacher's deterministic multi-step ODE solution at the
 recipe's guidance scale (`collect.sampler_steps`, `collect.guidance_scale`). Micro-batch j holds pairs
-[j*micro_batch, (j+1)*micro_batch) and goes to rank j mod world_size; each is written as its own part, so the
-stream is identical for any number of ranks and a rerun after a crash writes only the missing parts.
-Single process or under torchrun.
+[j*micro_batch, (j+1)*micro_batch) and goes to rank j mod world_size; each is written as its own part (data/parts.py),
+so the stream is identical for any number of ranks and a rerun after a crash writes only the missing parts.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 
-import trainer  # noqa: F401  (runtime env defaults)
-from trainer.config import RecipeError, load_recipe
+import torch
+from tqdm import tqdm
+
+from data.parts import PartsWriter, units_of_rank
+from data.schemas import columns
+from parallel.distributed import barrier
+from parallel.randomness import StepRandom, derive_seed
+from trainer.families import build_family
+from trainer.sampling import teacher_sample
+from trainer.stages.artifacts import pairs_path
+from trainer.stages.roles import build_denoiser
+from trainer.stages.students import load_teacher
 
 
 def collect_pairs(recipe, dist_info, progress: bool = True) -> str:
-    import torch
-    from tqdm import tqdm
-
-    from data.parts import PartsWriter, units_of_rank
-    from data.schemas import columns
-    from parallel.distributed import barrier
-    from trainer.families import build_family
-    from trainer.randomness import StepRandom, derive_seed
-    from trainer.sampling import teacher_sample
-    from trainer.stages import build_denoiser, load_teacher
-
+    """Write the missing micro-batches of this rank, then (rank 0) merge the parts into one stream. Collective."""
     cfg = recipe.collect
     out = cfg.out or os.path.join(recipe.run.dir, "ode_pairs")
     family, denoiser = build_family(recipe), build_denoiser(recipe)
@@ -63,31 +62,10 @@ def collect_pairs(recipe, dist_info, progress: bool = True) -> str:
     return message
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.collect", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from trainer.stages import teacher_path
-    t_path = teacher_path(recipe, recipe.run.dir)
-    if not os.path.exists(t_path) and recipe.teacher.pretrained is None:
-        print(f"error: {args.recipe}: teacher.pretrained: no teacher at {t_path} (hint: run python -m trainer.main "
-              f"{args.recipe} stages=[teacher] first, or set teacher.pretrained)", file=sys.stderr)
-        return 2
-    from parallel.distributed import init_distributed, shutdown
-    info = init_distributed()
-    message = collect_pairs(recipe, info)
-    if info.is_main:
-        print(f"wrote {message}")
-    shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run_collect_stage(recipe, run_dir: str, dist_info, log) -> None:
+    """Teacher ODE pairs into <run_dir>/ode_pairs (or collect.out); a rerun writes only the missing parts."""
+    out = pairs_path(recipe, run_dir)
+    if os.path.isfile(os.path.join(out, "index.json")):
+        log(f"[collect] done already: {out}")
+        return
+    log(f"[collect] wrote {collect_pairs(recipe, dist_info)}")

@@ -1,0 +1,35 @@
+"""`build_backend`: the backend named by `parallel.backend` (docs/parallelism.md "Backends")."""
+from __future__ import annotations
+
+from parallel.backend import Backend
+from parallel.data_parallel import DataParallelBackend
+from parallel.dims import ParallelDims
+from parallel.fsdp import FSDP2Backend
+from parallel.parallelize import ParallelizePlan
+from parallel.zero3 import Zero3Backend
+
+
+def parallelize_plan(parallel_cfg, family) -> ParallelizePlan:
+    """The recipe's and the family's part of every role's transforms (parallel/parallelize.py)."""
+    return ParallelizePlan(attention=parallel_cfg.attention,
+                           checkpoint_roles=frozenset(parallel_cfg.activation_checkpointing),
+                           blocks=family.shard_units)
+
+
+def build_backend(parallel_cfg, dist_info, family, grad_clip: float, ema_decay: float) -> Backend:
+    """The backend named by `parallel.backend`, for this process group and model family."""
+    plan = parallelize_plan(parallel_cfg, family)
+    if parallel_cfg.backend == "data_parallel":
+        return DataParallelBackend(dist_info, grad_clip=grad_clip, ema_decay=ema_decay, plan=plan)
+    if parallel_cfg.backend == "zero3":
+        return Zero3Backend(dist_info, grad_clip=grad_clip, ema_decay=ema_decay, sp=parallel_cfg.sp,
+                            mixed_precision=parallel_cfg.mixed_precision,
+                            persistence_threshold=parallel_cfg.zero3_persistence_threshold, plan=plan)
+    if parallel_cfg.backend == "fsdp2":
+        dims = ParallelDims.resolve(dist_info.world_size, parallel_cfg.dp_replicate, parallel_cfg.dp_shard,
+                                    parallel_cfg.sp)
+        return FSDP2Backend(dist_info, dims, grad_clip=grad_clip, ema_decay=ema_decay,
+                            mixed_precision=parallel_cfg.mixed_precision,
+                            reshard_after_forward=parallel_cfg.reshard_after_forward,
+                            cpu_offload=parallel_cfg.cpu_offload, plan=plan)
+    raise ValueError(f"unknown parallel backend '{parallel_cfg.backend}'")

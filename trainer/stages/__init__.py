@@ -1,0 +1,42 @@
+"""The recipe's stages, in order: `teacher` (toy only: train the teacher), `collect` (teacher ODE pairs), `pretrain`
+(regression or ADP on the pairs), `distill` (DMD / DMD2 / ADM), `evaluate`. DMDX = collect -> ADP -> ADM.
+
+One module per stage; artifacts.py names what each writes; roles.py assembles the roles for the training stages and
+the memory planner. Each stage writes into <run_dir>/<stage>/ and is skipped on rerun once its output exists; an
+unfinished stage resumes from its last complete checkpoint. So rerunning the same command is how a run resumes.
+"""
+from __future__ import annotations
+
+from parallel.distributed import barrier
+from trainer.families import family_class
+from trainer.families.prompts import encode_prompt_file
+from trainer.stages.collect import run_collect_stage
+from trainer.stages.evaluate import run_evaluate_stage
+from trainer.stages.teacher import run_teacher_stage
+from trainer.stages.training import run_training_stage
+
+
+def prepare_prompts(recipe, run_dir: str, dist_info, log) -> None:
+    """Encode family.prompts with the teacher's text encoders once, before any stage (rank 0; the rest wait)."""
+    if getattr(recipe.family, "prompts", None) is None:
+        return
+    if dist_info.is_main:
+        encode_prompt_file(recipe, run_dir, log, family_class(recipe.family.name))
+    barrier()
+
+
+def run_stages(recipe, run_dir: str, dist_info, log, provenance: dict | None = None) -> dict | None:
+    """Every stage of the recipe in order; returns the evaluate stage's metrics (rank 0), if it ran.
+    provenance: this attempt's record (trainer/provenance.py), carried into every checkpoint's extra state."""
+    metrics = None
+    prepare_prompts(recipe, run_dir, dist_info, log)
+    for stage in recipe.stages:
+        if stage == "teacher":
+            run_teacher_stage(recipe, run_dir, dist_info, log, provenance)
+        elif stage == "collect":
+            run_collect_stage(recipe, run_dir, dist_info, log)
+        elif stage in ("pretrain", "distill"):
+            run_training_stage(recipe, run_dir, dist_info, log, stage, provenance)
+        elif stage == "evaluate":
+            metrics = run_evaluate_stage(recipe, run_dir, dist_info, log)
+    return metrics

@@ -1,0 +1,122 @@
+"""The training stages, `pretrain` (regression or ADP on the ODE pairs) and `distill` (DMD / DMD2 / ADM): build the
+stage's trainer over the assembled roles and its data source, run it (it resumes from its last complete checkpoint),
+and write the raw generator and its EMA (the student)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from data.streams import TrainingStream
+from data.toy import ToyStream
+from parallel.backends import build_backend
+from parallel.distributed import barrier
+from trainer.families import build_family
+from trainer.methods import build_method
+from trainer.stages.artifacts import (GENERATOR_FILE, STUDENT_FILE, generator_init_path, pairs_path, save_atomic,
+                                      write_teacher_ref)
+from trainer.stages.roles import assemble_roles, build_denoiser, build_generator_denoiser
+from trainer.stages.teacher import ensure_pixel_backbone
+from trainer.trainer import StageTrainer, loop_config
+
+
+def build_stage_trainer(recipe, run_dir: str, dist_info, stage: str = "distill") -> StageTrainer:
+    """The trainer of a training stage: `pretrain` (recipe.pretrain) or `distill` (recipe.distill)."""
+    stage_dir = os.path.join(run_dir, stage)
+    os.makedirs(stage_dir, exist_ok=True)
+    dist_info = dataclasses.replace(dist_info, sp=recipe.parallel.sp)   # data ranks: dp_rank, dp_size
+    section = getattr(recipe, stage)
+    family = build_family(recipe)
+    denoiser, generator_denoiser = build_denoiser(recipe), build_generator_denoiser(recipe)
+    method = build_method(section.method)
+    train = section.train
+    backend = build_backend(recipe.parallel, dist_info, family, train.grad_clip, train.ema_decay)
+    nets = assemble_roles(recipe, run_dir, backend, family, method, section.optimizer,
+                          generator_init_path(recipe, run_dir, stage))
+    generator_cfg = recipe.distill.generator
+    if method.needs_pairs:
+        data = pairs_data(recipe, run_dir, dist_info, train.batch_size)
+    elif method.needs_real_data:
+        data = real_data(recipe, family, dist_info, train.batch_size)
+    else:
+        data = None
+    return StageTrainer(stage_dir=stage_dir, stage_name=f"{stage}:{section.method.name}", method=method,
+                        nets=nets, backend=backend, denoiser=denoiser, family=family,
+                        loop=loop_config(train, recipe.run.seed), dist_info=dist_info,
+                        student_timesteps=generator_denoiser.schedule.student_timesteps(generator_cfg.num_steps),
+                        conditioning_timestep=generator_cfg.conditioning_timestep, data_source=data,
+                        guards_cfg=recipe.guards, generator_denoiser=generator_denoiser)
+
+
+def pairs_data(recipe, run_dir: str, dist_info, global_batch: int) -> "StreamAdapter":
+    """The teacher ODE pairs (an `ode_pairs` MDS stream) as the trainer's `batch(indices) -> (noise, x0, labels)`."""
+    d = recipe.data
+    stream = TrainingStream("ode_pairs", pairs_path(recipe, run_dir), d.pairs_local,
+                            global_batch // dist_info.dp_size, recipe.run.seed,
+                            num_canonical_nodes=d.num_canonical_nodes, replication=replication(dist_info),
+                            check_hashes=d.check_hashes, workers=d.loader_workers)
+    return StreamAdapter(stream, lambda b: (b.noise.float(), b.outputs.float(), b.labels))
+
+
+def real_data(recipe, family, dist_info, global_batch: int):
+    """The real-data source: an MDS `real_latents` stream when `data.real_remote` is set, else the bundled toy data."""
+    d = recipe.data
+    if d.real_remote is None:
+        return ToyStream(family.dataset, recipe.run.seed)
+    stream = TrainingStream("real_latents", d.real_remote, d.real_local, global_batch // dist_info.dp_size,
+                            recipe.run.seed, num_canonical_nodes=d.num_canonical_nodes,
+                            replication=replication(dist_info), check_hashes=d.check_hashes,
+                            workers=d.loader_workers)
+    return StreamAdapter(stream, lambda b: (b.latents.float(), b.labels))
+
+
+def replication(dist_info) -> int | None:
+    """Streaming's `replication`: the ranks of one sequence-parallel group read the same samples."""
+    return dist_info.sp if dist_info.sp > 1 else None
+
+
+class StreamAdapter:
+    """Gives a stream the trainer's `batch(indices) -> tuple of [B, ...] tensors` interface (`fields` picks them from
+    the typed batch); the stream owns the data position (checkpointed through state_dict)."""
+
+    def __init__(self, stream, fields):
+        self.stream, self.fields = stream, fields
+
+    def batch(self, indices):
+        b = self.stream.next_batch()
+        if len(b.ids) != len(indices):
+            raise ValueError(f"stream batch of {len(b.ids)} samples, the step needs {len(indices)}")
+        return self.fields(b)
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state):
+        self.stream.load_state_dict(state)
+
+
+def run_training_stage(recipe, run_dir: str, dist_info, log, stage: str = "distill",
+                       provenance: dict | None = None) -> None:
+    """A training stage (`pretrain` or `distill`): resumes from its last checkpoint; writes the raw generator and
+    its EMA (the student)."""
+    stage_dir = os.path.join(run_dir, stage)
+    out_path = os.path.join(stage_dir, STUDENT_FILE)
+    if os.path.isfile(out_path):
+        log(f"[{stage}] done already: {out_path}")
+        return
+    method = getattr(recipe, stage).method
+    if stage == "pretrain" and getattr(method, "pixel_weight", 0) > 0:
+        ensure_pixel_backbone(recipe, run_dir, dist_info, log)
+    init = generator_init_path(recipe, run_dir, stage)
+    if init and not os.path.isfile(init):
+        raise FileNotFoundError(f"[{stage}] the generator's starting point {init} does not exist")
+    trainer = build_stage_trainer(recipe, run_dir, dist_info, stage)
+    trainer.provenance = provenance or {}
+    if dist_info.is_main:
+        write_teacher_ref(recipe, run_dir, stage_dir)
+    trainer.run()
+    generator, ema = trainer.backend.full_state("generator"), trainer.backend.full_state("ema")   # collectives
+    if dist_info.is_main:
+        save_atomic(generator, os.path.join(stage_dir, GENERATOR_FILE))
+        save_atomic(ema, out_path)
+    barrier()
+    log(f"[{stage}] wrote {out_path}")

@@ -2,7 +2,7 @@
 
 - Sharding over the mesh's dp_shard axis; HSDP when dp_replicate > 1 (2-D mesh: shard within, replicate across).
 - MixedPrecisionPolicy: bf16 compute, fp32 gradient reduction, fp32 master shards (parallel.mixed_precision: bf16).
-- Optimizers are built on the DTensor shards BEFORE any forward (ENV.md pitfall 5); with bf16, one no_grad forward
+- Optimizers are built on the DTensor shards BEFORE any forward (docs/testing.md pitfall 5); with bf16, one no_grad forward
   of each trainable role while it is trainable records the reduce dtype (pitfall 4), then every unit is resharded.
 - The generator's EMA is fp32 and sharded like the generator: a list of local shards updated with
   `torch._foreach_lerp_` from the fp32 master shards: no collective, no full-parameter gather.
@@ -93,7 +93,7 @@ class FSDP2Backend(Backend):
             dtype = self.mp_policy.param_dtype
             if dtype is not None and any(p.dtype != dtype for p in module.parameters()):
                 # a frozen role needs no fp32 master: held in the compute dtype it takes half the memory and its
-                # all-gathers need no cast (DESIGN.md: frozen roles are held in bf16)
+                # all-gathers need no cast (docs/design.md: frozen roles are held in bf16)
                 module.to(dtype)
         kwargs = dict(mesh=self.shard_mesh, mp_policy=self.mp_policy, reshard_after_forward=self.reshard_after_forward)
         if self.offload is not None:
@@ -114,7 +114,7 @@ class FSDP2Backend(Backend):
 
     def warm_up(self, example_inputs: dict) -> None:
         """bf16 only: a no_grad forward of each trainable role while trainable, so FSDP2's lazy init records the
-        fp32 reduce dtype before roles are frozen between phases (ENV.md pitfall 4). example_inputs: role -> args."""
+        fp32 reduce dtype before roles are frozen between phases (docs/testing.md pitfall 4). example_inputs: role -> args."""
         if self.mp_policy.param_dtype is None:
             return
         with torch.no_grad():

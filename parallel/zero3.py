@@ -4,7 +4,7 @@
   then copied into each rank's partition straight from the safetensors file (parallel/loading.py reads only the
   partition's bytes; no collective, no full gather).
 - Trainable roles (generator, fake score, heads) get an engine with a client torch AdamW (no FusedAdam JIT build,
-  ENV.md) and our warm-up LambdaLR (stepped here, not by DeepSpeed). The teacher gets an optimizer-less ZeRO-3
+  docs/testing.md) and our warm-up LambdaLR (stepped here, not by DeepSpeed). The teacher gets an optimizer-less ZeRO-3
   inference engine: it installs the hooks that gather each submodule's parameters for its forward and again for its
   backward, so input gradients flow through the frozen teacher (ADM's generator phase).
 - Methods call every role's raw (partitioned) module; ZeRO-3's module hooks fetch parameters. `backward` enters
@@ -37,7 +37,7 @@ from parallel.sequence import SequenceShards
 
 
 def import_deepspeed():
-    """Import deepspeed, skipping the ~2.5 min JIT build of its CPU shared-memory op (ENV.md pitfall 3): gloo
+    """Import deepspeed, skipping the ~2.5 min JIT build of its CPU shared-memory op (docs/testing.md pitfall 3): gloo
     collectives do not need it. Patched through sys.modules: `import deepspeed.comm.torch as m` binds the real
     module's parent attribute and patching through it silently does nothing."""
     import deepspeed

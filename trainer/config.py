@@ -90,7 +90,7 @@ class GeneratorConfig(Section):
     """The student, shared by the pretrain and distill stages."""
     num_steps: int = Field(1, gt=0, description="K: student sampling steps")
     prediction: Optional[Literal["eps", "v", "flow"]] = Field(
-        None, description="the generator's own parameterisation (ALGORITHMS.md §10.7); default: the teacher's. "
+        None, description="the generator's own parameterisation (docs/algorithms.md §10.7); default: the teacher's. "
         "ADP trains a straight-path velocity predictor: 'flow' (an eps teacher such as SDXL then gets an "
         "RF-velocity student)")
     conditioning_timestep: Optional[float] = Field(

@@ -1,11 +1,11 @@
 """The one denoiser convention: every network call returns its native prediction plus fp32 x0 / eps views.
 
-Parameterisations (ALGORITHMS.md §1.1), with x_t = a x0 + s eps:
+Parameterisations (docs/algorithms.md §1.1), with x_t = a x0 + s eps:
   eps : native = eps                  x0 = (x_t - s eps) / a
   v   : native = v = a eps - s x0     x0 = a x_t - s v,   eps = s x_t + a v      (needs a^2 + s^2 = 1)
   flow: native = v = eps - x0         x0 = x_t - sigma v, eps = x_t + (1 - sigma) v
-CFG (§1.3) combines native outputs; because every conversion is affine in the output at fixed (x_t, t), the guided
-x0 is the same whichever view is guided. The one-step ODE move (§1.2) lives here too. DMD's real-minus-fake
+CFG (docs/algorithms.md §1.3) combines native outputs; because every conversion is affine in the output at fixed (x_t, t), the guided
+x0 is the same whichever view is guided. The one-step ODE move (docs/algorithms.md §1.2) lives here too. DMD's real-minus-fake
 difference, ADM's step and every sampler are written once against these views, for every backbone.
 """
 from __future__ import annotations
@@ -114,7 +114,7 @@ class Denoiser:
 
     # --- ODE ---------------------------------------------------------------------------------------------
     def ode_step(self, pred: Prediction, x_t: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """First-order (DDIM / Euler) move from t to u with the model's own views (§1.2):
+        """First-order (DDIM / Euler) move from t to u with the model's own views (docs/algorithms.md §1.2):
         x_u = a_u x0_hat + s_u eps_hat. For rectified flow this is exactly x_t + (u - t) v_hat."""
         a_u, s_u = self.coefficients(u, pred.x0)
         return a_u * pred.x0 + s_u * pred.eps

@@ -1,4 +1,4 @@
-"""Discriminator heads on tapped backbone features (ALGORITHMS.md §10.11).
+"""Discriminator heads on tapped backbone features (docs/algorithms.md §10.11).
 
 One small head per tapped layer, each giving per-location logits that are averaged per sample; the heads are combined
 by a learnable softmax weight vector ("dynamically weighted"). The head kind follows the feature's rank:

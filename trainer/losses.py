@@ -20,7 +20,7 @@ def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) 
 
 
 def dmd_surrogate_loss(x: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    """L = 0.5 * mean((x - sg(x - g))^2), whose gradient w.r.t. x is g / x.numel() (ALGORITHMS.md §2, inv. 11)."""
+    """L = 0.5 * mean((x - sg(x - g))^2), whose gradient w.r.t. x is g / x.numel() (docs/algorithms.md §2, inv. 11)."""
     return 0.5 * F.mse_loss(x, (x - gradient).detach())
 
 
@@ -36,7 +36,7 @@ def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tenso
 
 
 def hinge_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """L_G = -E[D(fake)] (standard hinge generator loss; fake branch only, ALGORITHMS.md §10.4)."""
+    """L_G = -E[D(fake)] (standard hinge generator loss; fake branch only, docs/algorithms.md §10.4)."""
     return -fake_logits.mean()
 
 

@@ -1,4 +1,4 @@
-"""ADP's pixel-discriminator backbone (ALGORITHMS.md §6.3, §10.10): decode latents to RGB with the family's VAE,
+"""ADP's pixel-discriminator backbone (docs/algorithms.md §6.3, §10.10): decode latents to RGB with the family's VAE,
 resize to the vision model's resolution, normalise, and run a FROZEN vision transformer whose intermediate features
 feed trainable heads. SAM's image encoder (transformers `SamVisionModel`, ViT-B by default: it beat DINOv2 in the
 paper's ablation A2, plausibly because it works at 1024 px) or DINOv2 (`Dinov2Model`) as the alternative.

@@ -1,6 +1,6 @@
 """Samplers, written once against the denoiser convention and shared by training, `trainer.sample` and export.
 
-Student (DMD2 §3 "multi-step"): predict x0 at t_i, re-noise with FRESH noise to t_{i+1}; pure noise at the first step.
+Student (docs/algorithms.md §3 "multi-step"): predict x0 at t_i, re-noise with FRESH noise to t_{i+1}; pure noise at the first step.
 Teacher: deterministic first-order ODE (DDIM / Euler) from t_max to clean data, CFG in every call.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 - DDPM (SDXL eps, CogVideoX v): t is an integer index 0..999; a_t = sqrt(abar_t), s_t = sqrt(1 - abar_t).
   t = -1 denotes clean data (a = 1, s = 0), like diffusers' `final_alpha_cumprod = 1`.
 - Rectified flow (SD3): t = 1000 * sigma, a = 1 - sigma, s = sigma; t = 0 is clean data.
-Forward process for every schedule: x_t = a_t * x0 + s_t * eps (ALGORITHMS.md §1.1).
+Forward process for every schedule: x_t = a_t * x0 + s_t * eps (docs/algorithms.md §1.1).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class NoiseSchedule(ABC):
 
     @abstractmethod
     def student_timesteps(self, num_steps: int) -> list[float]:
-        """K student timesteps, noisiest first (ALGORITHMS.md §5.6)."""
+        """K student timesteps, noisiest first (docs/algorithms.md §5.6)."""
 
     @abstractmethod
     def sampler_timesteps(self, num_steps: int) -> list[float]:
@@ -133,7 +133,7 @@ class FlowSchedule(NoiseSchedule):
 
 
 def cubic_timesteps(u: torch.Tensor, t_max: float) -> torch.Tensor:
-    """ADP's high-noise student schedule t = (1 - u^3) T (ALGORITHMS.md §6.2): P(t > 0.9T) = 0.464, median 0.875T."""
+    """ADP's high-noise student schedule t = (1 - u^3) T (docs/algorithms.md §6.2): P(t > 0.9T) = 0.464, median 0.875T."""
     return (1.0 - u ** 3) * t_max
 
 
@@ -145,6 +145,6 @@ def build_schedule(prediction: str, beta_start=0.00085, beta_end=0.012, snr_shif
 
 
 def time_step_size(schedule: NoiseSchedule, dt_frac: float) -> float:
-    """dt in network time units (ALGORITHMS.md §5.5): DDPM rounds 1000/64 = 15.625 to 16 index steps."""
+    """dt in network time units (docs/algorithms.md §5.5): DDPM rounds 1000/64 = 15.625 to 16 index steps."""
     dt = dt_frac * NUM_TRAIN_TIMESTEPS
     return float(math.ceil(dt - 1e-9)) if schedule.kind == "ddpm" else dt

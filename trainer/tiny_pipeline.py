@@ -4,7 +4,7 @@ pretrained pipelines — so that a tiny-twin recipe runs every path of the real 
 into the stock pipeline) with nothing downloaded. MODEL: sdxl_tiny, sd3_medium_tiny, sd35_large_tiny,
 cogvideox_2b_tiny, cogvideox_5b_tiny.
 
-Tokenizers are byte-level BPE without merges (ENV.md §6): any text, no vocabulary file. Text-encoder widths are
+Tokenizers are byte-level BPE without merges (docs/testing.md): any text, no vocabulary file. Text-encoder widths are
 chosen so that the pipelines' own `encode_prompt` yields the widths the tiny denoisers take.
 """
 from __future__ import annotations

@@ -68,7 +68,7 @@ class StageTrainer:
         self.stage_dir, self.stage_name = stage_dir, stage_name
         self.method, self.nets, self.backend = method, nets, backend
         self.denoiser, self.family, self.loop, self.dist = denoiser, family, loop, dist_info
-        self.generator_denoiser = generator_denoiser or denoiser   # the student's parameterisation (§10.7)
+        self.generator_denoiser = generator_denoiser or denoiser   # the student's parameterisation (docs/algorithms.md §10.7)
         self.student_timesteps, self.conditioning_timestep = student_timesteps, conditioning_timestep
         self.data_source = data_source
         self.provenance = provenance or {}   # this attempt's record (trainer/provenance.py), in every checkpoint

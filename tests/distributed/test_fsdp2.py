@@ -69,7 +69,7 @@ def test_hsdp_two_replicas_of_two_shards(tmp_path, teacher):
 
 def test_activation_checkpointing_and_bf16_run_on_two_ranks(tmp_path, teacher):
     """Activation checkpointing recomputes the same numbers (losses equal to the run without it); bf16 mixed
-    precision with roles frozen between phases trains (ENV.md pitfall 4 handled by the warm-up)."""
+    precision with roles frozen between phases trains (docs/testing.md pitfall 4 handled by the warm-up)."""
     plain, ac, bf16 = (tmp_path / f"{n}.json" for n in ("plain", "ac", "bf16"))
     launch(2, "steps", teacher, str(tmp_path / "plain"), "2", str(plain))
     launch(2, "steps", teacher, str(tmp_path / "ac"), "2", str(ac),

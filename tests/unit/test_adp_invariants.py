@@ -1,4 +1,4 @@
-"""ALGORITHMS.md §9 invariants 25-26 (ADP) and 10 (cubic times as ADP draws them), ADP's and the regression
+"""docs/algorithms.md §9 invariants 25-26 (ADP) and 10 (cubic times as ADP draws them), ADP's and the regression
 method's gradient flow, and the recipe checks that keep ADP well-formed. Real trainer, real pairs, tiny toy."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""ALGORITHMS.md §9 invariants 11-14 (DMD direction), 18-20 (hinge and non-saturating GAN losses)."""
+"""docs/algorithms.md §9 invariants 11-14 (DMD direction), 18-20 (hinge and non-saturating GAN losses)."""
 import itertools
 import math
 

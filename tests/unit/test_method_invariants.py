@@ -1,4 +1,4 @@
-"""ALGORITHMS.md §9 invariants 15-17 (gradient isolation, fake-score loss, backward simulation) and 21-24 (ADM)."""
+"""docs/algorithms.md §9 invariants 15-17 (gradient isolation, fake-score loss, backward simulation) and 21-24 (ADM)."""
 import pytest
 import torch
 

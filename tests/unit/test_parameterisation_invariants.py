@@ -1,4 +1,4 @@
-"""ALGORITHMS.md §9 invariants 1-10: parameterisations, schedules, the ODE step, the score identity, CFG, cubic t."""
+"""docs/algorithms.md §9 invariants 1-10: parameterisations, schedules, the ODE step, the score identity, CFG, cubic t."""
 import pytest
 import torch
 

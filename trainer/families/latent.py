@@ -25,7 +25,7 @@ from trainer.heads import FeatureHeads, HybridHeads
 
 
 def depth_taps(num_layers: int, taps: list[int] | None) -> list[int]:
-    """Tapped block indices: the recipe's, else the ends of the 1/4, 1/2, 3/4 and full depth (ALGORITHMS.md
+    """Tapped block indices: the recipe's, else the ends of the 1/4, 1/2, 3/4 and full depth (docs/algorithms.md
     §10.11), without repeats."""
     if taps:
         return sorted(set(taps))

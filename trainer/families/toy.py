@@ -69,7 +69,7 @@ class ToyDenoiserNet(nn.Module):
 
 
 class ToyPixelBackbone(nn.Module):
-    """ADP's pixel-discriminator backbone on the toy (ALGORITHMS.md §6.3 with SAM's role): the toys live in pixel
+    """ADP's pixel-discriminator backbone on the toy (docs/algorithms.md §6.3 with SAM's role): the toys live in pixel
     space already, so decoding is the identity and the backbone is a small classifier trained on the
     `classifier_b` split, disjoint from the evaluation classifier's (trainer/evaluation.py). Same parameter names
     as `ToyClassifier`, so its trained state dict loads as is. x [B, D] -> per hidden layer [B, hidden]."""

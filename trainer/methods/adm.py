@@ -1,4 +1,4 @@
-"""ADM: Adversarial Distribution Matching (Lu et al., ICCV 2025, arXiv 2507.18569). ALGORITHMS.md §5.
+"""ADM: Adversarial Distribution Matching (Lu et al., ICCV 2025, arXiv 2507.18569). docs/algorithms.md §5.
 
 From a generator sample x0g, draw t in [t_min + dt, t_max] and eps, x_t = a_t x0g + s_t eps; the teacher with CFG and
 the fake score each take ONE ODE step of dt = T/64 from the same x_t:

@@ -1,4 +1,4 @@
-"""ADP: Adversarial Distillation Pre-training (Lu et al., ICCV 2025, §3.3). ALGORITHMS.md §6; invariants 25-26.
+"""ADP: Adversarial Distillation Pre-training (Lu et al., ICCV 2025, §3.3). docs/algorithms.md §6; invariants 25-26.
 
 Data: teacher ODE pairs (x_T, x_0) (trainer.collect). The student sees the straight path between them
     x_t = (1 - t/T) x_0 + (t/T) x_T,   t = (1 - u^3) T (cubic, biased to high noise),   x0_hat = x_t - (t/T) v_hat

@@ -63,7 +63,7 @@ class StepContext:
     real_cond: Optional[Cond] = None
     pair_noise: Optional[torch.Tensor] = None    # ODE pairs (pretrain stage): x_T [B, ...], unit variance as drawn
     pair_output: Optional[torch.Tensor] = None   # the teacher's ODE solution x_0 from that noise [B, ...]
-    generator_denoiser: Optional[Denoiser] = None   # the student's own parameterisation (§10.7); None: the teacher's
+    generator_denoiser: Optional[Denoiser] = None   # the student's own parameterisation (docs/algorithms.md §10.7); None: the teacher's
     student_timesteps: list[float] = field(default_factory=list)
     conditioning_timestep: Optional[float] = None
     generator_trains: bool = False  # the generator's sample keeps its graph only when the generator updates
@@ -87,7 +87,7 @@ class StepContext:
         """The generator's x0 [B, ...] for this step, computed once and shared by the phases (critics detach it).
 
         One-step: pure noise in. Multi-step: backward simulation with k ~ U{0..K-1} shared by all ranks
-        (keyed by (seed, step) only), the prefix under no_grad, fresh noise at every re-noise (DMD2 §3).
+        (keyed by (seed, step) only), the prefix under no_grad, fresh noise at every re-noise (docs/algorithms.md §3).
 
         A sample made without its graph (keep_generator_graph False) is made again from the cached prefix when a
         later phase wants the graph: the same weights and input give the same values, for one more generator call."""

@@ -1,4 +1,4 @@
-"""DMD (Yin et al., CVPR 2024, "One-step Diffusion with Distribution Matching Distillation"). ALGORITHMS.md §2.
+"""DMD (Yin et al., CVPR 2024, "One-step Diffusion with Distribution Matching Distillation"). docs/algorithms.md §2.
 
 Phases per step: generator (every `ttur`-th step) then fake_score.
 - generator: L_DM with g = (x0_fake - x0_real) / mean|x - x0_real| at t ~ U[t_min, t_max]; both scores under

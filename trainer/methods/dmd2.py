@@ -1,4 +1,4 @@
-"""DMD2 (Yin et al., NeurIPS 2024, "Improved Distribution Matching Distillation"). ALGORITHMS.md §3.
+"""DMD2 (Yin et al., NeurIPS 2024, "Improved Distribution Matching Distillation"). docs/algorithms.md §3.
 
 Extends DMD with a GAN: heads on the FAKE SCORE's tapped features ("classify mode"), a real-data branch, the
 non-saturating loss and TTUR (critic every step, generator every `ttur`-th, 5 for SDXL).

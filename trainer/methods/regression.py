@@ -1,4 +1,4 @@
-"""ODE-pair regression (ALGORITHMS.md §6.4): the student maps each pair's noise x_T to ITS teacher output x_0.
+"""ODE-pair regression (docs/algorithms.md §6.4): the student maps each pair's noise x_T to ITS teacher output x_0.
 
 This is DMD's regression regulariser used alone, DMD2's one-step initialisation and the ADM paper's ablation A1.
     L = mean((G(x_{t_k}) - x_0)^2),   x_{t_k} = x_T at k = 0 (pure noise), else the pair re-noised to t_k

@@ -28,7 +28,10 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="cogvideox_2b", choices=["cogvideox_2b", "cogvideox_5b"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every code path (CI runs it)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.repeats = 1
     from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
     from parallel.sequence import SequenceShards
     from trainer.families.cogvideox import CogVideoXTransformer, UlyssesCogVideoXAttnProcessor

@@ -40,7 +40,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every code path (CI runs it)")
     args = parser.parse_args()
+    if args.smoke:
+        args.batch, args.resolution = 2, 64
     overrides = ["teacher.pretrained=stabilityai/sdxl-planning-only", "parallel.backend=fsdp2",
                  "parallel.mixed_precision=bf16", f"distill.train.batch_size={args.batch}",
                  f"family.resolution={args.resolution}", *args.overrides]

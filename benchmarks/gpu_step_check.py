@@ -76,7 +76,10 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="then profile one more step: the host's top ops and "
                         "every host-device synchronisation")
     parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every code path (CI runs it)")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.batch = 1, 1
     cuda = torch.cuda.is_available()
     model = args.model or ("sdxl" if cuda else "sdxl_tiny")
     resolution = args.resolution or (1024 if cuda else 128)

@@ -25,18 +25,24 @@ from trainer.families.configs import build_on_meta  # noqa: E402
 SDXL = ["teacher.pretrained=stabilityai/stable-diffusion-xl-base-1.0", "family.model=sdxl", "family.resolution=1024",
         "family.prompt_length=77", "family.head_hidden=128", "parallel.mixed_precision=bf16"]
 
+SMOKE_SDXL = ["teacher.pretrained=stabilityai/sdxl-planning-only"]
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch-per-gpu", type=int, default=2)
     parser.add_argument("--gpus", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every code path (CI runs it)")
     args = parser.parse_args()
+    sdxl = SMOKE_SDXL if args.smoke else SDXL   # the tiny twin on 2 ranks: seconds instead of minutes
+    if args.smoke:
+        args.gpus = [2]
     recipe_path = os.path.join(ROOT, "recipes", "tiny", "sdxl_tiny.yaml")
     rows = []
     for gpus in args.gpus:
         batch = [f"distill.train.batch_size={args.batch_per_gpu * gpus}"]
-        fsdp = plan_memory(load_recipe(recipe_path, SDXL + batch + ["parallel.backend=fsdp2"]), gpus)
-        zero3 = plan_memory(load_recipe(recipe_path, SDXL + batch + ["parallel.backend=zero3"]), gpus,
+        fsdp = plan_memory(load_recipe(recipe_path, sdxl + batch + ["parallel.backend=fsdp2"]), gpus)
+        zero3 = plan_memory(load_recipe(recipe_path, sdxl + batch + ["parallel.backend=zero3"]), gpus,
                             traced_peak=fsdp.traced_peak)
         rows.append(("SDXL UNet", gpus, fsdp.model_states, zero3.model_states, fsdp.activations, fsdp.total,
                      zero3.total))
@@ -45,7 +51,7 @@ def main() -> int:
             roles = {role: build_on_meta(name) for role in ("teacher", "generator", "fake_score")}
             totals = []
             for backend in ("fsdp2", "zero3"):
-                recipe = load_recipe(recipe_path, SDXL + batch + [f"parallel.backend={backend}"])
+                recipe = load_recipe(recipe_path, sdxl + batch + [f"parallel.backend={backend}"])
                 totals.append(sum(r.total for r in model_states(recipe, gpus, roles)))
             rows.append((label, gpus, totals[0], totals[1], None, None, None))
     print(f"\nADM, bf16, {args.batch_per_gpu} samples per GPU; GiB per GPU")

@@ -28,8 +28,12 @@ def parse(argv=None):
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--height", type=int, default=96)
     parser.add_argument("--width", type=int, default=96)
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every code path (CI runs it)")
     parser.add_argument("--worker", nargs=3, metavar=("PIPELINE", "SP", "OUT"), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.frames, args.height, args.width = 5, 32, 32
+    return args
 
 
 def saved_bytes_per_phase(args) -> dict[str, int]:

@@ -57,9 +57,9 @@ def worker(recipe_path: str, out: str, steps: int, overrides: list[str]) -> None
         inner_backward(loss, roles)
         backward_seconds[0] += time.perf_counter() - t0
 
-    def timed_step(roles):
+    def timed_step(roles, skip=None):
         t0 = time.perf_counter()
-        out = inner_step(roles)
+        out = inner_step(roles, skip)
         step_seconds[0] += time.perf_counter() - t0
         return out
 
@@ -106,7 +106,10 @@ def main() -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every code path (CI runs it)")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.ranks = 1, [1]
     if args.worker:
         worker(args.recipe, args.worker, args.steps, args.overrides)
         return 0

@@ -32,7 +32,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--compression", default="zstd", choices=["zstd", "none"])
     parser.add_argument("--dir", default=None)
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every code path (CI runs it)")
     args = parser.parse_args()
+    if args.smoke:
+        args.samples = 32
     root = args.dir or tempfile.mkdtemp(prefix="dmdx_stream_bench_")
     remote, cache = os.path.join(root, "remote"), os.path.join(root, "cache")
     shutil.rmtree(remote, ignore_errors=True)

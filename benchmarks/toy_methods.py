@@ -68,7 +68,12 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU core each)")
     parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every code path (CI runs it)")
     args = parser.parse_args()
+    if args.smoke:   # one toy, one seed, one method, a few steps everywhere
+        args.seeds, args.toys, args.methods, args.scale = [0], ["digits"], ["dmd"], 0.005
+        args.overrides = [*args.overrides, "eval.num_samples=200", "teacher.train.steps=20", "teacher.sampler_steps=4",
+                          "collect.num_pairs=256", "collect.micro_batch=128", "collect.sampler_steps=4"]
     out = os.path.abspath(args.out)
     if "dmdx" in args.methods and "adp" not in args.methods:
         parser.error("dmdx starts from the adp runs' students: list adp too")

@@ -130,7 +130,7 @@ def check_recipe(recipe, path: str, provenance: dict | None = None) -> None:
     if [st for st in STAGE_ORDER if st in recipe.stages] != list(recipe.stages):
         fail("stages", f"stages must be a subset in the order {STAGE_ORDER}", "e.g. [teacher, distill, evaluate]")
     check_pretrain(recipe, fail)
-    check_optimizers(recipe, fail, provenance, path)
+    check_optimizers(recipe, provenance, path)
 
 
 def check_sequence_parallel(recipe, fail) -> None:
@@ -180,16 +180,18 @@ def check_pretrain(recipe, fail) -> None:
              "stages: [teacher, collect, pretrain, distill, evaluate]")
 
 
-def check_optimizers(recipe, fail, provenance: dict, path: str) -> None:
+def check_optimizers(recipe, provenance: dict, path: str) -> None:
     """`<stage>.optimizer` gives every role the stage's method trains (a missing one failed with a KeyError after
     hours of earlier stages) and, where the recipe file itself or the command line names roles, none it does not
     train (an unused learning rate is a silent mistake). Roles inherited from a `base:` file or the defaults are not
     held against it: a child recipe cannot delete its base's keys."""
-    def named_here(role: str) -> bool:
+    def naming_source(role: str) -> str | None:
+        """The recipe file or `command line` that names this role's optimizer (most specific key first)."""
         dotted = f"{stage}.optimizer.{role}"
-        return any(source in (path, "command line") and (dotted == key or dotted.startswith(key + ".") or
-                                                         key.startswith(dotted + "."))
-                   for key, source in provenance.items())
+        related = sorted((key for key in provenance if dotted == key or dotted.startswith(key + ".") or
+                          key.startswith(dotted + ".")), key=len, reverse=True)
+        sources = [provenance[key] for key in related if provenance[key] in (path, "command line")]
+        return sources[0] if sources else None
 
     for stage in ("pretrain", "distill"):
         if stage not in recipe.stages:
@@ -198,15 +200,16 @@ def check_optimizers(recipe, fail, provenance: dict, path: str) -> None:
         trains = set(METHODS[section.method.name].trains)
         given = set(section.optimizer)
         prefix = f"{stage}.optimizer"
-        explicit = {role for role in given if named_here(role)}
+        explicit = {role for role in given if naming_source(role)}
         missing, extra = sorted(trains - given), sorted(explicit - trains)
         if missing or extra:
-            problem = (f"{section.method.name} trains {', '.join(sorted(trains))}: " +
-                       (f"no optimizer for {', '.join(missing)}" if missing else
-                        f"{', '.join(extra)} {'is' if len(extra) == 1 else 'are'} not trained by it"))
+            problems = ([f"no optimizer for {', '.join(missing)}"] if missing else []) + (
+                [f"{', '.join(extra)} {'is' if len(extra) == 1 else 'are'} not trained by it"] if extra else [])
             example = ", ".join(f"{role}: {{lr: 1.0e-4}}" for role in sorted(trains))
-            fail(f"{prefix}.{extra[0]}" if extra else prefix, problem,
-                 f"give exactly those roles, e.g. {prefix}={{{example}}}")
+            key = prefix if missing else f"{prefix}.{extra[0]}"
+            raise RecipeError(_source_of(key, provenance, path) if missing else naming_source(extra[0]), key,
+                              f"{section.method.name} trains {', '.join(sorted(trains))}: {'; '.join(problems)}",
+                              f"give exactly those roles, e.g. {prefix}={{{example}}}")
 
 
 def check_launch(recipe, world_size: int, device_type: str, path: str) -> None:

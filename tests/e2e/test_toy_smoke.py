@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.distributed.test_data_parallel import free_port
 from tests.helpers import ROOT, SMOKE
 
 ENV = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
@@ -116,9 +117,9 @@ def wait_for(predicate, proc, timeout=180):
     raise TimeoutError
 
 
-def run_and_kill_when(run_dir, predicate, env=ENV) -> str:
+def run_and_kill_when(run_dir, predicate, env=ENV, extra=()) -> str:
     """Run the smoke command, SIGKILL it once `predicate()` holds; returns what it printed on stdout."""
-    proc = subprocess.Popen(command(run_dir), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(command(run_dir, *extra), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
     wait_for(predicate, proc)
     proc.send_signal(signal.SIGKILL)
@@ -181,3 +182,60 @@ def test_sigkill_in_teacher_collect_and_pretrain_resumes_that_stage(reference, t
     resumed_at = re.search(r"\[pretrain:adp\] resumed at step (\d+)", result.stdout)
     assert resumed_at and 10 <= int(resumed_at.group(1)) < 40, result.stdout[-2000:]
     assert_same_weights(ref_dir, run_dir)
+
+
+def test_provenance_of_every_attempt_and_checkpoint(reference):
+    """provenance.jsonl: one line per attempt with the source hash, the commit (this is a checkout), versions, argv
+    and world size; each checkpoint's extra state carries the same record."""
+    from trainer.provenance import source_hash
+    run_dir, _ = reference
+    lines = [json.loads(line) for line in (run_dir / "provenance.jsonl").read_text().splitlines()]
+    assert lines
+    first = lines[0]
+    assert first["source_sha256"] == source_hash()
+    assert len(first["commit"]) == 40 and isinstance(first["dirty"], bool)
+    assert first["world_size"] == 1 and first["hostnames"] and str(run_dir) in " ".join(first["argv"])
+    assert first["versions"]["torch"] == torch.__version__ and first["versions"]["diffusers"]
+    assert first["recipe"]["run"]["dir"] == str(run_dir)
+    checkpoints = sorted((run_dir / "distill" / "checkpoints").glob("step_*"))
+    extra = json.loads((checkpoints[-1] / "extra.json").read_text())
+    assert extra["provenance"]["source_sha256"] == first["source_sha256"]
+    assert extra["provenance"]["start_time"] in {line["start_time"] for line in lines}
+
+
+def test_rerun_with_another_experiment_is_refused_at_start(reference):
+    """Another method setting, learning rate or backend in an existing run dir: one line, exit 2, nothing written
+    (config.yaml and provenance.jsonl unchanged)."""
+    run_dir, _ = reference
+    config, provenance = (run_dir / "config.yaml").read_text(), (run_dir / "provenance.jsonl").read_text()
+    for change, key in (("distill.method.guidance_scale=3.0", "distill.method.guidance_scale"),
+                        ("distill.optimizer.generator.lr=2.0e-4", "distill.optimizer.generator.lr"),
+                        ("parallel.backend=fsdp2", "parallel.backend")):
+        result = subprocess.run(command(run_dir, change), capture_output=True, text=True, env=ENV, cwd=ROOT,
+                                timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and key in lines[0], result.stderr[-2000:]
+        assert "different recipe" in lines[0]
+    assert (run_dir / "config.yaml").read_text() == config
+    assert (run_dir / "provenance.jsonl").read_text() == provenance
+
+
+def test_fsdp2_resume_on_another_world_size_and_micro_batch(reference, tmp_path):
+    """Killed mid-distill on 1 process (FSDP2, no accumulation), rerun on 2 ranks with micro-batches of 8: it
+    continues from the last checkpoint's step (DCP reshards) and records both attempts."""
+    ref_dir, _ = reference
+    run_dir = tmp_path / "run"
+    distill_only = [f"teacher.pretrained={ref_dir / 'teacher' / 'teacher.safetensors'}", "stages=[distill]",
+                    "parallel.backend=fsdp2"]
+    run_and_kill_when(run_dir, checkpoint_at_least(run_dir, "distill", 20), extra=distill_only)
+    latest = int((run_dir / "distill" / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "trainer.main", SMOKE, f"run.dir={run_dir}",
+                *KILL_STEPS, *distill_only, "distill.train.micro_batch_size=8"]
+    result = subprocess.run(torchrun, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"[distill:adm] resumed at step {latest} " in result.stdout, result.stdout[-2000:]
+    assert (run_dir / "distill" / "student.safetensors").is_file()
+    attempts = [json.loads(line) for line in (run_dir / "provenance.jsonl").read_text().splitlines()]
+    assert [a["world_size"] for a in attempts] == [1, 2]
+    assert [a["recipe"]["distill"]["train"]["micro_batch_size"] for a in attempts] == [None, 8]

@@ -62,6 +62,15 @@ CASES = {
                                             "  generator: {conditioning_timestep: 400}\n", [],
                                             "distill.generator.conditioning_timestep", "true timesteps"),
     "stage order": ("run: {dir: x}\nstages: [teacher, pretrain, collect]\n", [], "stages", "order"),
+    "optimizer missing a trained role": ("run: {dir: x}\ndistill:\n  optimizer: {generator: {lr: 1.0e-4}}\n", [],
+                                         "distill.optimizer", "no optimizer for fake_score, heads"),
+    "override of an optimizer for a role the method does not train": ("run: {dir: x}\ndistill:\n  optimizer: "
+                                                                      "{generator: {lr: 1.0e-4}, fake_score: {lr: "
+                                                                      "1.0e-4}}\n", ["distill.method.name=dmd",
+                                                                           "distill.optimizer.heads.lr=1.0e-3"],
+                                                       "distill.optimizer.heads", "not trained by it"),
+    "override of a boolean for a number": ("run: {dir: x}\n", ["distill.train.steps=true"], "distill.train.steps",
+                             "expected a number"),
     "family prediction": ("run: {dir: x}\nfamily: {name: sd3, model: sd3_medium_tiny}\nschedule: {prediction: eps}\n"
                           "teacher: {pretrained: org/model}\nstages: [distill]\n", [], "schedule.prediction",
                           "prediction: flow"),
@@ -134,7 +143,9 @@ def test_cli_exit_2_one_line_no_traceback(tmp_path):
     for args in ([bad], [wrong], [str(tmp_path / "missing.yaml")], [SMOKE, "distill.train.steps"],
                  [SMOKE, f"run.dir={tmp_path}/run", "distill.train.steps=-1"],
                  [SMOKE, f"run.dir={tmp_path}/run", "distill.train.batch_size=8", "distill.train.micro_batch_size=3"],
-                 [SMOKE, f"run.dir={tmp_path}/run", "pretrain.train.batch_size=8", "pretrain.train.micro_batch_size=3"]):
+                 [SMOKE, f"run.dir={tmp_path}/run", "pretrain.train.batch_size=8", "pretrain.train.micro_batch_size=3"],
+                 [SMOKE, f"run.dir={tmp_path}/run", "distill.optimizer={generator: {lr: 1.0e-4}}"],
+                 [SMOKE, f"run.dir={tmp_path}/run", "distill.train.steps=true"]):
         result = run_cli(*args)
         assert result.returncode == 2, result
         lines = result.stderr.strip().splitlines()
@@ -165,3 +176,22 @@ def test_rerun_with_a_different_recipe_is_refused(tmp_path):
     result = run_cli(SMOKE, f"run.dir={run_dir}", "distill.train.steps=3")
     assert result.returncode == 2 and "different recipe" in result.stderr
     assert (run_dir / "config.yaml").read_text() == dump_recipe(recipe)   # nothing overwritten
+
+
+def test_zero3_checkpoint_of_another_world_size_is_refused_at_start(tmp_path):
+    """A run dir whose unfinished distill stage holds a ZeRO-3 checkpoint written by 2 ranks, rerun on 1: one line
+    naming the world sizes, exit 2, before any role is built or anything written (no provenance line)."""
+    from trainer.config import dump_recipe
+    run_dir = tmp_path / "run"
+    overrides = [f"run.dir={run_dir}", "parallel.backend=zero3", "stages=[teacher,distill]"]
+    recipe = load_recipe(SMOKE, overrides)
+    checkpoint = run_dir / "distill" / "checkpoints" / "step_0000010"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "extra.json").write_text('{"step": 10, "world_size": 2}')
+    (run_dir / "distill" / "checkpoints" / "latest").write_text("step_0000010")
+    (run_dir / "config.yaml").write_text(dump_recipe(recipe))
+    result = run_cli(SMOKE, *overrides)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "written by 2 ranks" in lines[0] and "this launch has 1" in lines[0]
+    assert not (run_dir / "provenance.jsonl").exists() and not (run_dir / "teacher").exists()

@@ -23,6 +23,14 @@ import math
 import os
 import sys
 
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoModel, AutoTokenizer
+
 from data.parts import PartsWriter, units_of_rank
 from data.schemas import columns
 from data.toy import load_toy
@@ -70,7 +78,6 @@ def read_jsonl_prompts(path: str) -> list[dict]:
 
 
 def read_parquet(path: str, kind: str, text_column: str, image_column: str, caption_column: str) -> list[dict]:
-    import pyarrow.parquet as pq
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: file not found")
     table = pq.read_table(path)
@@ -99,19 +106,14 @@ class Encoders:
         self.resolution = resolution
         self.vae = self.text_model = self.tokenizer = None
         if vae:
-            from diffusers import AutoencoderKL
             self.vae = AutoencoderKL.from_pretrained(vae).eval().requires_grad_(False)
         if text_encoder:
-            from transformers import AutoModel, AutoTokenizer
             self.tokenizer = AutoTokenizer.from_pretrained(text_encoder)
             self.text_model = AutoModel.from_pretrained(text_encoder).eval().requires_grad_(False)
 
     def encode_images(self, images) -> "list":
         """PIL images -> fp16 latents [C, h, w] each: centre crop, resize to resolution, [-1, 1], VAE posterior mean
         (deterministic; the mean, not a sample, so reruns reproduce the stream) times the VAE's scaling factor."""
-        import numpy as np
-        import torch
-        from PIL import Image
         r = self.resolution
         batch = []
         for img in images:
@@ -127,7 +129,6 @@ class Encoders:
         return [latent.half().numpy() for latent in latents]
 
     def encode_texts(self, texts: list[str]) -> "list":
-        import torch
         tokens = self.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")
         with torch.no_grad():
             hidden = self.text_model(input_ids=tokens.input_ids).last_hidden_state
@@ -135,7 +136,6 @@ class Encoders:
 
 
 def chunk_samples(source: str, items: list[dict], start: int, encoders: Encoders) -> list[dict]:
-    from PIL import Image
     if source == "toy":
         return [{"id": start + i, "latent": it["latent"], "caption": "", "label": it["label"]}
                 for i, it in enumerate(items)]
@@ -178,7 +178,6 @@ def main(argv=None) -> int:
     parser.add_argument("--caption-column", default="caption")
     args = parser.parse_args(argv)
 
-    from tqdm import tqdm
 
     try:
         if args.source == "toy":

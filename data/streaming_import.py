@@ -19,12 +19,12 @@ def import_streaming():
     if "streaming" in sys.modules:
         return sys.modules["streaming"]
     try:
-        import torchvision  # noqa: F401
+        import torchvision  # noqa: F401  (optional: absent or broken beside a CPU torch; probed, not required)
         return importlib.import_module("streaming")
     except Exception:   # ImportError, or a CUDA build's RuntimeError ("operator torchvision::nms does not exist")
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
-    import torch
+    import torch  # noqa: F401  (the stub subclasses torch's Dataset; imported with the stub only)
     import transformers  # noqa: F401  (imported before the stub so its availability probes see no torchvision)
 
     class VisionDataset(torch.utils.data.Dataset):   # never used by streaming.base

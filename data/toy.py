@@ -17,6 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from sklearn.datasets import load_digits
 
 from parallel.randomness import derive_seed
 
@@ -69,7 +70,6 @@ def _grid(name: str, n_train: int = 20000, n_heldout: int = 5000) -> ToyDataset:
 
 
 def _digits(n_heldout: int = 397) -> ToyDataset:
-    from sklearn.datasets import load_digits
     bunch = load_digits()
     x = torch.tensor(bunch.data, dtype=torch.float32) / 8.0 - 1.0   # pixels 0..16 -> [-1, 1]
     y = torch.tensor(bunch.target, dtype=torch.int64)

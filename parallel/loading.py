@@ -12,11 +12,12 @@ the local Hugging Face cache: runs never download; `HF_HUB_OFFLINE=1` in tests).
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import struct
 
 import torch
+from huggingface_hub import snapshot_download
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 TRANSFORMERS_WEIGHTS = "model.safetensors"     # transformers' save_pretrained (SAM, DINOv2, text encoders)
@@ -27,7 +28,6 @@ def resolve_model_dir(path_or_id: str, subfolder: str | None = None) -> str:
     if os.path.isdir(path_or_id):
         root = path_or_id
     else:
-        from huggingface_hub import snapshot_download
         root = snapshot_download(path_or_id, local_files_only=True,
                                  allow_patterns=[f"{subfolder}/*"] if subfolder else None)
     if subfolder and os.path.isdir(os.path.join(root, subfolder)):

@@ -14,6 +14,7 @@ import glob
 import os
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 
 def checkpoint_weights(directory: str, module, role: str = "generator", kind: str = "ema") -> dict[str, torch.Tensor]:
@@ -26,6 +27,7 @@ def checkpoint_weights(directory: str, module, role: str = "generator", kind: st
     ranks = sorted(glob.glob(os.path.join(directory, "zero3_rank*.pt")))
     if ranks:
         if kind == "raw":
+            # deepspeed only for ZeRO-3 checkpoints (importing it costs seconds)
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
             return get_fp32_state_dict_from_zero_checkpoint(os.path.join(directory, role), tag="state")
         parts = [torch.load(path, map_location="cpu", weights_only=True)["ema"] for path in ranks]
@@ -34,7 +36,6 @@ def checkpoint_weights(directory: str, module, role: str = "generator", kind: st
     if not os.path.isfile(os.path.join(directory, ".metadata")):
         raise FileNotFoundError(f"{directory}: not a checkpoint of any backend (no state.pt, zero3_rank*.pt or DCP "
                                 f".metadata)")
-    import torch.distributed.checkpoint as dcp
     tensors = {name: torch.empty(param.shape, dtype=torch.float32) for name, param in named}
     state = {"ema": tensors} if kind == "ema" else {"roles": {role: {"model": tensors}}}
     dcp.load(state, checkpoint_id=directory)

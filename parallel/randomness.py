@@ -10,9 +10,8 @@ copy of the batch. Drawing on the CPU also makes the numbers identical on CPU an
 """
 from __future__ import annotations
 
-import random
-
 import hashlib
+import random
 import struct
 from typing import Sequence
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import os
 import sys
+
 import torch
 import torch.distributed as dist
 from torch import nn
-
 from torch.distributed.device_mesh import init_device_mesh
 
 from parallel.backend import Backend, warmup_lambda
@@ -40,8 +40,8 @@ def import_deepspeed():
     """Import deepspeed, skipping the ~2.5 min JIT build of its CPU shared-memory op (docs/testing.md pitfall 3): gloo
     collectives do not need it. Patched through sys.modules: `import deepspeed.comm.torch as m` binds the real
     module's parent attribute and patching through it silently does nothing."""
-    import deepspeed
-    import deepspeed.comm.torch  # noqa: F401
+    import deepspeed  # imported on first ZeRO-3 use only: seconds of start-up and accelerator probing
+    import deepspeed.comm.torch  # noqa: F401  (the module patched below)
     if not torch.cuda.is_available():
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     return deepspeed
@@ -174,7 +174,7 @@ class Zero3Backend(Backend):
 
     def full_grads(self, role: str) -> dict[str, torch.Tensor]:
         """Full fp32 gradients of a role after backward, before the step (tests). Collective."""
-        from deepspeed.utils import safe_get_full_grad
+        from deepspeed.utils import safe_get_full_grad  # deepspeed loads through parallel/zero3.py import_deepspeed (seconds; skips a JIT build): ZeRO-3 paths only
         grads = {n: safe_get_full_grad(p) for n, p in self.raw[role].named_parameters()}
         return {n: g.detach().float().cpu().clone() for n, g in grads.items() if g is not None}
 
@@ -184,7 +184,7 @@ class Zero3Backend(Backend):
 
     # --- EMA -------------------------------------------------------------------------------------------------
     def _local_fp32(self, role: str) -> list[torch.Tensor]:
-        from deepspeed.utils import safe_get_local_fp32_param
+        from deepspeed.utils import safe_get_local_fp32_param  # deepspeed loads through parallel/zero3.py import_deepspeed (seconds; skips a JIT build): ZeRO-3 paths only
         # a frozen parameter of a trained role (LoRA's base weights) has no fp32 master: its own partition
         return [safe_get_local_fp32_param(p) if p.requires_grad else p.ds_tensor for p in self.raw[role].parameters()]
 
@@ -201,7 +201,7 @@ class Zero3Backend(Backend):
         """Full tensors on every rank (collective: call on all ranks)."""
         if role == "ema":
             return self._gather_partitions(self.ema_role, self.ema_shards)
-        from deepspeed.utils import safe_get_full_fp32_param
+        from deepspeed.utils import safe_get_full_fp32_param  # deepspeed loads through parallel/zero3.py import_deepspeed (seconds; skips a JIT build): ZeRO-3 paths only
         module = self.raw[role]
         if role in self.optimizers:   # the fp32 master weights (frozen ones of a LoRA role: gathered)
             frozen = [p for p in module.parameters() if not p.requires_grad]

@@ -79,7 +79,9 @@ def sbatch_command(recipe, script_path: str) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     sys.path.insert(0, ROOT)
-    from trainer.config import RecipeError, load_recipe
+    from parallel.runtime_env import apply_runtime_defaults  # after sys.path: this file may be started by path
+    from trainer.config import RecipeError, load_recipe  # (the same reason)
+    apply_runtime_defaults()
     flags = [f"launch.{key}={value}" for key, value in (("nodes", args.nodes), ("gpus_per_node", args.gpus_per_node),
                                                          ("time", args.time)) if value is not None]
     try:

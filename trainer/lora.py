@@ -9,27 +9,29 @@ Export fuses the adapters into the base weights (diffusers' `fuse_lora` then `un
 """
 from __future__ import annotations
 
+from unittest import mock
+
 import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from torch._guards import detect_fake_mode
 
 from parallel.loading import MappedSource, TensorsSource
 
 
 def peft_config(cfg):
-    from peft import LoraConfig
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
                       init_lora_weights=True)
 
 
 def add_lora(module, cfg):
     """Adapters on `module`'s target layers (peft freezes everything else); returns the module."""
-    from torch._guards import detect_fake_mode
     if detect_fake_mode() is None:
         module.add_adapter(peft_config(cfg))
         return module
     # the memory planner's fake-tensor trace: peft moves each new adapter to its base layer's device with
     # `Module.to`, which for fake tensors goes through Module._apply's tensor swap and fails; everything is on the
     # one (fake CPU) device in the dtype it is built in already, so `to` is the identity while the adapters are added
-    from unittest import mock
     with mock.patch.object(torch.nn.Module, "to", lambda self, *args, **kwargs: self):
         module.add_adapter(peft_config(cfg))
     return module
@@ -38,7 +40,6 @@ def add_lora(module, cfg):
 def initial_adapters(build, seed: int) -> dict[str, torch.Tensor]:
     """{name: tensor} of the adapters' initial values: the adapted model built on the meta device, then each LoRA
     layer's lora_A / lora_B materialised on the CPU and initialised by peft (small: rank x width per layer)."""
-    from peft.tuners.lora import LoraLayer
     with torch.device("meta"):
         module = build()
     torch.manual_seed(seed)

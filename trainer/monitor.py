@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 
@@ -15,7 +16,6 @@ class Monitor:
         self.writer = None
         self.bar = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
             os.makedirs(log_dir, exist_ok=True)
             self.writer = SummaryWriter(log_dir)
             self.bar = None if not progress else tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,

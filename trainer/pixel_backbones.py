@@ -17,6 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import Dinov2Model, SamVisionModel
 
 from parallel.loading import resolve_model_dir
 from trainer.families.configs import load_config
@@ -28,7 +29,6 @@ MODELS = {"sam": ("sam_vit_b", "sam_tiny"), "dinov2": ("dinov2_base", "dinov2_ti
 
 
 def vision_class(kind: str):
-    from transformers import Dinov2Model, SamVisionModel
     return SamVisionModel if kind == "sam" else Dinov2Model
 
 

@@ -13,6 +13,14 @@ import argparse
 import os
 import sys
 
+import diffusers
+import torch
+from diffusers import AutoencoderKL
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import PreTrainedTokenizerFast
+from transformers import T5Config, T5EncoderModel
+
 from parallel.runtime_env import apply_runtime_defaults
 from trainer.families import family_class
 from trainer.families.configs import load_config
@@ -25,8 +33,6 @@ T5_TOKENS = 8       # SD3's and CogVideoX's T5 tokens in the tiny twins (256 and
 
 
 def byte_level_tokenizer(max_length: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     for special in (BOS, EOS, PAD):
         vocab[special] = len(vocab)
@@ -42,7 +48,6 @@ def byte_level_tokenizer(max_length: int):
 def clip(tokenizer, hidden: int, projection: int | None = None):
     """A 2-layer CLIP text encoder (the pipelines take the penultimate layer's tokens); with a projection when
     `projection` is given (the pooled embedding of SDXL's second and SD3's both encoders)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=CLIP_TOKENS,
                             projection_dim=projection or hidden, bos_token_id=tokenizer.bos_token_id,
@@ -51,7 +56,6 @@ def clip(tokenizer, hidden: int, projection: int | None = None):
 
 
 def t5(tokenizer, width: int):
-    from transformers import T5Config, T5EncoderModel
     return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2,
                                    num_heads=4, relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
                                    eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id))
@@ -59,7 +63,6 @@ def t5(tokenizer, width: int):
 
 def image_vae(latent_channels: int, **extra):
     """AutoencoderKL with SDXL's / SD3's 8x downsampling at 8-16 channels."""
-    from diffusers import AutoencoderKL
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
                          up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 16, 16],
                          layers_per_block=1, latent_channels=latent_channels, norm_num_groups=8, sample_size=128,
@@ -73,8 +76,6 @@ def denoiser(model: str):
 
 
 def build_pipeline(model: str, seed: int = 0):
-    import diffusers
-    import torch
     if model not in MODELS:
         raise ValueError(f"unknown tiny model '{model}' (one of {', '.join(MODELS)})")
     torch.manual_seed(seed)

@@ -16,6 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers import CogVideoXTransformer3DModel
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
 from parallel.sequence import SequenceShards, check_heads
 from trainer.families.latent import LatentFamily, depth_taps, tokens_to_grid
@@ -35,8 +38,6 @@ class CogVideoXTransformer(CogVideoXTransformer3DModel):
         `_prepare_rotary_positional_embeddings` builds them; None for the 2B (learned sincos positions)."""
         if not self.config.use_rotary_positional_embeddings:
             return None
-        from diffusers.models.embeddings import get_3d_rotary_pos_embed
-        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
         patch = self.config.patch_size
         frames, height, width = sample.shape[1], sample.shape[-2] // patch, sample.shape[-1] // patch
         key = (frames, height, width, sample.device)
@@ -131,7 +132,6 @@ class UlyssesCogVideoXAttnProcessor:
             joint.append(x.transpose(1, 2))                                    # [B, H/P, L + S, d]
         query, key, value = joint
         if image_rotary_emb is not None:
-            from diffusers.models.embeddings import apply_rotary_emb
             query = torch.cat([query[:, :, :text_length],
                                apply_rotary_emb(query[:, :, text_length:], image_rotary_emb)], dim=2)
             if not attn.is_cross_attention:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 
+import diffusers
+import torch
+
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 MODELS = ("sdxl", "sd3_medium", "sd35_large", "cogvideox_2b", "cogvideox_5b")
 
@@ -16,8 +19,6 @@ def load_config(name: str) -> dict:
 
 def build_on_meta(name: str):
     """The diffusers denoiser of `name` with meta tensors: shapes only, no memory."""
-    import diffusers
-    import torch
     config = load_config(name)
     cls = getattr(diffusers, config.pop("_class_name"))
     kwargs = {k: v for k, v in config.items() if not k.startswith("_")}

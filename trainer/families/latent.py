@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 
 from data.toy import class_labels_for
@@ -145,7 +146,6 @@ class LatentFamily(ABC):
     def render_grid(self, samples: torch.Tensor):
         """HWC uint8 preview of latents [N, C, h, w] (video [N, F, C, h, w]: the first frame): channels 0-2 as RGB,
         each sample scaled to its own range, tiled 4 per row. A latent preview: decoding is the export's job."""
-        import numpy as np
         x = samples.float().cpu()
         if x.dim() == 5:
             x = x[:, 0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+import diffusers
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -41,7 +42,6 @@ def prompts_digest(path: str) -> str:
 
 def load_text_pipeline(recipe):
     """The teacher's diffusers pipeline with its text encoders and tokenizers only (no denoiser, no VAE)."""
-    import diffusers
     name = recipe.family.name
     cls = {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline,
            "cogvideox": diffusers.CogVideoXPipeline}[name]

@@ -12,8 +12,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from trainer.denoiser import Cond, Denoiser
 from parallel.randomness import StepRandom
+from trainer.denoiser import Cond, Denoiser
 from trainer.sampling import student_input, student_predict
 
 

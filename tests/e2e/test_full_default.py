@@ -1,5 +1,7 @@
 """The embedded default, exactly as `make default` runs it (only the run dir differs): at most 10 minutes on 2 CPU
-cores, and a one-step student whose FD is no worse than 2x the teacher's own multi-step FD at the same guidance."""
+cores, and a one-step student whose FD is at most 1.5x the teacher's own multi-step FD at the same guidance, with at
+least a quarter of the teacher's recall. Measured over seeds 0, 1, 2 and seed 0 with 2 threads: FD ratio 0.86-1.06,
+recall ratio 0.53-0.64, so another CPU's rounding has a wide margin (docs/algorithms.md §5.5)."""
 import json
 import os
 import subprocess
@@ -24,5 +26,6 @@ def test_full_default(tmp_path):
     metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     print(f"\nfull default: {wall:.0f} s; student {metrics['student']}; teacher {metrics['teacher']}")
     assert wall <= 600
-    assert metrics["student"]["fd"] <= 2 * metrics["teacher"]["fd"]
+    assert metrics["student"]["fd"] <= 1.5 * metrics["teacher"]["fd"]
+    assert metrics["student"]["recall"] >= 0.25 * metrics["teacher"]["recall"]
     assert metrics["student"]["classes_covered"] == 10

@@ -192,7 +192,7 @@ def test_invariant_23_generator_gradient_through_fake_step(detach):
 @pytest.mark.parametrize("prediction,dt", [("flow", 1000 / 64), ("eps", 16.0)])
 def test_invariant_24_t_minus_dt_in_range(tmp_path, prediction, dt):
     trainer = distill_trainer(tmp_path, "distill.method.name=adm", f"schedule.prediction={prediction}",
-                              "distill.train.batch_size=256")
+                              "distill.train.batch_size=256", "distill.method.dt_frac=0.015625")   # T / 64
     ctx = trainer.make_context(0)
     t, u = trainer.method.step_times(ctx)
     assert torch.allclose(t - u, torch.full_like(t, dt))

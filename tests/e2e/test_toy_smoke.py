@@ -204,11 +204,12 @@ def test_provenance_of_every_attempt_and_checkpoint(reference):
 
 
 def test_rerun_with_another_experiment_is_refused_at_start(reference):
-    """Another method setting, learning rate or backend in an existing run dir: one line, exit 2, nothing written
+    """Another method, method setting, learning rate or backend in an existing run dir: one line, exit 2, nothing written
     (config.yaml and provenance.jsonl unchanged)."""
     run_dir, _ = reference
     config, provenance = (run_dir / "config.yaml").read_text(), (run_dir / "provenance.jsonl").read_text()
-    for change, key in (("distill.method.guidance_scale=3.0", "distill.method.guidance_scale"),
+    for change, key in (("distill.method.name=dmd", "distill.method.name"),
+                        ("distill.method.guidance_scale=3.0", "distill.method.guidance_scale"),
                         ("distill.optimizer.generator.lr=2.0e-4", "distill.optimizer.generator.lr"),
                         ("parallel.backend=fsdp2", "parallel.backend")):
         result = subprocess.run(command(run_dir, change), capture_output=True, text=True, env=ENV, cwd=ROOT,

@@ -26,7 +26,7 @@ PLACEMENT_KEYS = ("launch", "parallel.dp_replicate", "parallel.dp_shard", "paral
 
 def experiment(resolved: dict) -> dict:
     """The resolved recipe without its placement keys."""
-    out = yaml.safe_load(yaml.safe_dump(resolved))
+    out = yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False))
     for dotted in PLACEMENT_KEYS:
         *parents, leaf = dotted.split(".")
         node = out
@@ -40,6 +40,8 @@ def experiment(resolved: dict) -> dict:
 def first_difference(a, b, prefix: str = "") -> str | None:
     """The dotted key of the first difference between two nested dicts, or None."""
     if isinstance(a, dict) and isinstance(b, dict):
+        if "name" in a and "name" in b and a["name"] != b["name"]:   # another method or family: say so first
+            return f"{prefix}name"
         for key in list(a) + [k for k in b if k not in a]:
             found = first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
             if found:

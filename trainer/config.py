@@ -22,7 +22,7 @@ from trainer.methods.dmd import DMDConfig
 from trainer.methods.dmd2 import DMD2Config
 from trainer.methods.regression import RegressionConfig
 from trainer.sections import RecipeError, Section, boolean_for_number
-from trainer.validate import _source_of, check_recipe
+from trainer.validate import check_recipe, source_of
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -359,7 +359,7 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
         pretrain["method"].setdefault("name", "adp")
     wrong = boolean_for_number(Recipe, data)
     if wrong:
-        raise RecipeError(_source_of(wrong, provenance, path), wrong, "expected a number, got a boolean",
+        raise RecipeError(source_of(wrong, provenance, path), wrong, "expected a number, got a boolean",
                           "give a number")
     try:
         recipe = Recipe.model_validate(data)
@@ -370,7 +370,7 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
         # pydantic puts the union tag ('adm', 'dmd', ...) into the location of a discriminated union; drop it.
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in UNION_TAGS))
         dotted = ".".join(str(p) for p in loc)
-        source = _source_of(dotted, provenance, path)
+        source = source_of(dotted, provenance, path)
         if err["type"] == "extra_forbidden":
             known = _known_keys(Recipe, loc)
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)

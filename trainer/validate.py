@@ -25,7 +25,7 @@ STAGE_ORDER = ["teacher", "collect", "pretrain", "distill", "evaluate"]
 TRAINING_SECTIONS = ("teacher", "pretrain", "distill")
 
 
-def _source_of(dotted: str, provenance: dict, default: str) -> str:
+def source_of(dotted: str, provenance: dict, default: str) -> str:
     """The file (or `command line`) that set `dotted` or its nearest parent section."""
     probe = dotted
     while probe:
@@ -39,7 +39,7 @@ def check_recipe(recipe, path: str, provenance: dict | None = None) -> None:
     """Settings that validate one by one but cannot work together (the world size aside: check_launch)."""
     provenance = provenance or {}
     def fail(key: str, problem: str, hint: str) -> None:
-        raise RecipeError(_source_of(key, provenance, path), key, problem, hint)
+        raise RecipeError(source_of(key, provenance, path), key, problem, hint)
 
     s = recipe.schedule
     if s.prediction == "flow" and (s.snr_shift != 1.0 or s.zero_terminal_snr):
@@ -207,7 +207,7 @@ def check_optimizers(recipe, provenance: dict, path: str) -> None:
                 [f"{', '.join(extra)} {'is' if len(extra) == 1 else 'are'} not trained by it"] if extra else [])
             example = ", ".join(f"{role}: {{lr: 1.0e-4}}" for role in sorted(trains))
             key = prefix if missing else f"{prefix}.{extra[0]}"
-            raise RecipeError(_source_of(key, provenance, path) if missing else naming_source(extra[0]), key,
+            raise RecipeError(source_of(key, provenance, path) if missing else naming_source(extra[0]), key,
                               f"{section.method.name} trains {', '.join(sorted(trains))}: {'; '.join(problems)}",
                               f"give exactly those roles, e.g. {prefix}={{{example}}}")
 

@@ -111,8 +111,9 @@ def cited_documents(text: str) -> list[str]:
 
 def test_the_citation_finder_sees_outside_references():
     md = ".md"   # spelt apart so that this file cites nothing itself
-    text = f"see DESIGN{md}, ../shared/ENV{md} §6 and docs/design{md} (docs/algorithms{md} \"ADM\")"
-    assert cited_documents(text) == [f"DESIGN{md}", f"../shared/ENV{md}", f"docs/design{md}", f"docs/algorithms{md}"]
+    text = f"see NOTES{md}, ../elsewhere/SETUP{md} §6 and docs/design{md} (docs/algorithms{md} \"ADM\")"
+    assert cited_documents(text) == [f"NOTES{md}", f"../elsewhere/SETUP{md}", f"docs/design{md}",
+                                     f"docs/algorithms{md}"]
 
 
 def test_every_cited_document_is_inside_the_project():

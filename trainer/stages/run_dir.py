@@ -10,6 +10,7 @@ experiment, like the method, the learning rates and the seeds.
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import yaml
@@ -26,7 +27,7 @@ PLACEMENT_KEYS = ("launch", "parallel.dp_replicate", "parallel.dp_shard", "paral
 
 def experiment(resolved: dict) -> dict:
     """The resolved recipe without its placement keys."""
-    out = yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False))
+    out = copy.deepcopy(resolved)
     for dotted in PLACEMENT_KEYS:
         *parents, leaf = dotted.split(".")
         node = out

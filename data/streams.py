@@ -40,30 +40,55 @@ def read_index(root: str) -> dict:
         raise StreamError(f"{path}: not valid JSON ({e})") from None
 
 
-def verify_local_stream(root: str, kind: str, check_hashes: bool = True) -> int:
+# (path, bytes, mtime_ns) of every shard file this process has hashed: each file is read once per process however
+# many streams or stages open it (a rerun in a new process hashes again: the file may have changed in between)
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def _file_verified(path: str, expected: str, streaming) -> bool:
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return True
+    with open(path, "rb") as f:
+        ok = streaming.base.hashing.get_hash(HASH, f.read()) == expected
+    if ok:
+        _VERIFIED.add(key)
+    return ok
+
+
+def is_compressed(index: dict) -> bool:
+    return any(shard.get("zip_data") for shard in index.get("shards", []))
+
+
+def verify_local_stream(root: str, kind: str, check_hashes: bool = True, read_root: Optional[str] = None) -> int:
     """Check a local stream before training: schema, every shard present and intact, not empty. Returns samples.
-    Hashing reads every shard once (about 1 GB/s); pass check_hashes=False for very large local streams."""
+    The file checked is the one training will read: the raw shard where it is read from (`read_root`: the stream
+    itself, or the cache a compressed stream is decompressed into) when it exists there, else the compressed shard.
+    Hashing reads each file once per process (xxh64, several GB/s); check_hashes=False skips it (sizes only)."""
     streaming = import_streaming()
     index = read_index(root)
     try:
         check_columns(kind, index, root)
     except StreamSchemaError as e:
         raise StreamError(str(e)) from None
+    read_root = read_root or root
     total = 0
     for shard in index.get("shards", []):
-        info = shard.get("zip_data") or shard["raw_data"]
-        path = os.path.join(root, info["basename"])
+        raw, zipped = shard["raw_data"], shard.get("zip_data")
+        where = f"{root}: shard {raw['basename']} (samples {total}-{total + shard['samples'] - 1})"
+        path, info = os.path.join(read_root, raw["basename"]), raw
+        if not os.path.isfile(path) and zipped:
+            path, info = os.path.join(root, zipped["basename"]), zipped
         if not os.path.isfile(path):
-            raise StreamError(f"{root}: shard {info['basename']} is missing (listed in index.json)")
+            raise StreamError(f"{where} is missing ({info['basename']}, listed in index.json)")
         if os.path.getsize(path) != info["bytes"]:
-            raise StreamError(f"{root}: shard {info['basename']} is corrupt: {os.path.getsize(path)} bytes, "
-                              f"index.json says {info['bytes']}")
+            raise StreamError(f"{where} is corrupt: {path} is {os.path.getsize(path)} bytes, index.json says "
+                              f"{info['bytes']} (hint: rewrite the stream, or delete the damaged file from a cache)")
         expected = info.get("hashes", {}).get(HASH)
-        if check_hashes and expected:
-            with open(path, "rb") as f:
-                got = streaming.base.hashing.get_hash(HASH, f.read())
-            if got != expected:
-                raise StreamError(f"{root}: shard {info['basename']} is corrupt: {HASH} {got} != {expected}")
+        if check_hashes and expected and not _file_verified(path, expected, streaming):
+            raise StreamError(f"{where} is corrupt: {path} does not match its {HASH} in index.json (hint: rewrite "
+                              f"the stream, or delete the damaged file from a cache)")
         total += shard["samples"]
     if total == 0:
         raise StreamError(f"{root}: the stream is empty (0 samples)")
@@ -88,17 +113,26 @@ class TrainingStream:
 
     def __init__(self, kind: str, remote: str, local: Optional[str], batch_size: int, seed: int,
                  num_canonical_nodes: int = 1, replication: Optional[int] = None, shuffle: bool = True,
-                 check_hashes: bool = True, workers: int = 0):
+                 check_hashes: bool = True, workers: int = 0, cache: Optional[str] = None):
+        """local: where streaming keeps (decompressed) shards; None: an uncompressed local stream is read in place
+        and a compressed one is decompressed into `cache` (a writable folder the caller owns, e.g. in the run dir),
+        never into the stream itself, which may be read-only or shared."""
         streaming = import_streaming()
         self.kind = kind
         local_stream = _is_local(remote)
         if local_stream:
-            self.num_samples = verify_local_stream(remote, kind, check_hashes)
-            if local is None:
-                # read a local stream in place: with remote set and no local, streaming copies the shards into a
-                # temp folder named by the path's hash, which then refuses a second reader (another job, or a rerun
-                # after a kill left it behind)
+            if local is None and not is_compressed(read_index(remote)):
+                # read in place: with remote set and no local, streaming would copy the shards into a temp folder
+                # named by the path's hash, which then refuses a second reader (another job, or a rerun after a kill)
                 remote, local = None, remote
+            elif local is None:
+                if cache is None:
+                    raise StreamError(f"{remote}: a compressed stream needs a writable cache folder to decompress "
+                                      f"into (hint: set data.*_local)")
+                local = cache
+            if os.path.abspath(local) != os.path.abspath(remote or local):
+                os.makedirs(local, exist_ok=True)   # a read-only place fails here, with the path, before training
+            self.num_samples = verify_local_stream(remote or local, kind, check_hashes, read_root=local)
         # remote object stores: streaming validates each downloaded shard against its recorded hash
         self.dataset = streaming.StreamingDataset(
             remote=remote, local=local, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,

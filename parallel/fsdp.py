@@ -24,6 +24,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from parallel import safe_dcp
 from parallel.backend import Backend, skip_flag
 from parallel.loading import check_keys
 from parallel.parallelize import ParallelizePlan, prepare_role
@@ -180,7 +181,7 @@ class FSDP2Backend(Backend):
 
     def load_state(self, directory: str) -> None:
         state = self._dcp_state()           # current layout (also materialises empty optimizer state)
-        dcp.load(state, checkpoint_id=directory)
+        safe_dcp.load(state, directory)   # metadata through the allow-list (parallel/safe_dcp.py)
         for role, opt in self.optimizers.items():
             entry = state["roles"][role]
             set_state_dict(self.modules[role], opt, model_state_dict=entry["model"], optim_state_dict=entry["optim"])

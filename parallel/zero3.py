@@ -15,20 +15,24 @@
   a device tensor from `get_global_grad_norm()`.
 - The generator's fp32 EMA is a list of local fp32 partitions, updated from the optimizer's fp32 master partitions
   (`safe_get_local_fp32_param`): no collective, no gather.
-- Checkpoints: each engine's `save_checkpoint` (ZeRO partitions per rank) plus the EMA partitions and scheduler
-  counters per rank. A ZeRO-3 checkpoint resumes on the SAME world size; resharding needs DeepSpeed's offline
-  universal-checkpoint conversion (`ds_to_universal`), which is not wired in. FSDP2 checkpoints reshard.
+- Checkpoints: torch.distributed.checkpoint (as FSDP2), never DeepSpeed's `save_checkpoint` (its files are loaded
+  with `torch.load(weights_only=False)`: a replaced file runs code on resume). Each parameter's fp32 master,
+  Adam moments and EMA are saved as one flat 1-D DTensor whose Shard(0) pieces are exactly ZeRO-3's partitions, so
+  a checkpoint written on W ranks resumes on any other world size and is read back safely (parallel/safe_dcp.py).
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from parallel import safe_dcp
 from parallel.backend import Backend, warmup_lambda
 from parallel.loading import check_keys
 from parallel.parallelize import ParallelizePlan, prepare_role
@@ -79,6 +83,7 @@ class Zero3Backend(Backend):
         self.raw: dict[str, nn.Module] = {}
         self.engines: dict = {}
         self.ema_shards: list[torch.Tensor] = []
+        self._flat_mesh = None   # 1-D mesh over every rank: the checkpoints' flat DTensors (built on first save/load)
 
     def ds_config(self, trainable: bool, numel: int = BUCKET_CAP) -> dict:
         # DeepSpeed's default reduce bucket is 5e8 elements: a 2 GB fp32 buffer per engine, whatever the role's
@@ -220,37 +225,112 @@ class Zero3Backend(Backend):
             out[name] = torch.cat(pieces)[:param.ds_numel].view(param.ds_shape).cpu()
         return out
 
+    def _flat_dtensor(self, param: nn.Parameter, partition: torch.Tensor) -> DTensor:
+        """This rank's ZeRO-3 partition of `param` ([P] elements, P = ceil(numel / world), zero padded at the end) as
+        the matching piece of a 1-D DTensor of the parameter's numel: DCP then stores each parameter once, whole,
+        and a checkpoint written on W ranks loads on any other number (the pieces are re-cut on load)."""
+        if self._flat_mesh is None:
+            self._flat_mesh = init_device_mesh(self.dist.device.type, (dist.get_world_size(),))
+        numel, size = param.ds_numel, partition.numel()
+        start, stop = min(dist.get_rank() * size, numel), min((dist.get_rank() + 1) * size, numel)
+        # ZeRO-3's ceil-sized partitions are exactly DTensor's Shard(0) chunks (torch.chunk); checked, not assumed
+        local_shape, offset = compute_local_shape_and_global_offset((numel,), self._flat_mesh, [Shard(0)])
+        if local_shape[0] != stop - start or (stop > start and offset[0] != start):
+            raise RuntimeError(f"ZeRO-3 partition [{start}, {stop}) of a {numel}-element parameter does not match "
+                               f"DTensor's Shard(0) piece at {offset[0]} of {local_shape[0]}")
+        return DTensor.from_local(partition[: stop - start], self._flat_mesh, [Shard(0)], shape=torch.Size((numel,)),
+                                  stride=(1,), run_check=False)
+
+    def _dcp_state(self, fresh: bool) -> dict:
+        """The checkpoint's tensors, per parameter and flat (layout: docs/parallelism.md "Checkpoints"):
+        roles.<role>.model.<name> (fp32 master weights; a LoRA role's frozen base: its own partition),
+        roles.<role>.zero3_optim.<name>.{exp_avg, exp_avg_sq}, roles.<role>.{adam_step, scheduler_steps},
+        ema.<name>, torch_rng. fresh=False: views of the live partitions (save); fresh=True: zeroed buffers of this
+        world size's partitions for DCP to fill (load, then `_apply_state`)."""
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state  # deepspeed loads through parallel/zero3.py import_deepspeed (seconds; skips a JIT build): ZeRO-3 paths only
+
+        def piece(param, tensor):
+            return self._flat_dtensor(param, torch.zeros(param.ds_tensor.numel(), dtype=torch.float32,
+                                                         device=param.ds_tensor.device) if fresh else tensor)
+
+        state = {"roles": {}, "ema": {}, "torch_rng": torch.get_rng_state()}
+        for role in self.optimizers:
+            engine, model, moments = self.engines[role], {}, {}
+            for name, param in self.raw[role].named_parameters():
+                if not param.requires_grad:
+                    model[name] = piece(param, None if fresh else param.ds_tensor.float())
+                    continue
+                model[name] = piece(param, None if fresh else safe_get_local_fp32_param(param))
+                moments[name] = {key: piece(param, None if fresh else safe_get_local_optimizer_state(param, key))
+                                 for key in ADAM_STATE}
+            state["roles"][role] = {"model": model, "zero3_optim": moments,
+                                    "adam_step": torch.tensor(0 if fresh else self._adam_step(engine)),
+                                    "scheduler_steps": torch.tensor(self.schedulers[role].last_epoch)}
+        for (name, param), shard in zip(self.raw[self.ema_role].named_parameters(), self.ema_shards):
+            state["ema"][name] = self._flat_dtensor(param, shard)   # in place: DCP loads straight into the EMA
+        return state
+
+    @staticmethod
+    def _adam_step(engine) -> int:
+        """The client AdamW's step count (one per fp32 sub-group, all equal: every step steps every group)."""
+        steps = {int(engine.optimizer.optimizer.state[flat]["step"])
+                 for flat in engine.optimizer.fp32_partitioned_groups_flat}
+        if len(steps) != 1:
+            raise RuntimeError(f"ZeRO-3 sub-groups at different Adam steps {sorted(steps)}")
+        return steps.pop()
+
     def save_state(self, directory: str) -> None:
-        for role, engine in self.engines.items():
-            if role in self.optimizers:
-                engine.save_checkpoint(os.path.join(directory, role), tag="state")
-        rank = dist.get_rank()
-        torch.save({"ema": self.ema_shards, "world_size": dist.get_world_size(),
-                    "scheduler_steps": {r: s.last_epoch for r, s in self.schedulers.items()},
-                    "torch_rng": torch.get_rng_state()}, os.path.join(directory, f"zero3_rank{rank:05d}.pt"))
+        self._ensure_optimizer_state()
+        dcp.save(self._dcp_state(fresh=False), checkpoint_id=directory)
+
+    def _ensure_optimizer_state(self) -> None:
+        """Adam's moments exist only after a first step: a checkpoint before any step (step 0) still saves them."""
+        for role in self.optimizers:
+            optimizer = self.engines[role].optimizer
+            for flat in optimizer.fp32_partitioned_groups_flat:
+                inner = optimizer.optimizer.state[flat]
+                if not inner:
+                    inner["step"] = torch.tensor(0.0)
+                    for key in ADAM_STATE:
+                        inner[key] = torch.zeros_like(flat)
 
     def load_state(self, directory: str) -> None:
-        rank = dist.get_rank()
-        path = os.path.join(directory, f"zero3_rank{rank:05d}.pt")
-        if not os.path.isfile(path):
-            raise RuntimeError(f"{directory}: no ZeRO-3 state for rank {rank}; a ZeRO-3 checkpoint resumes on the "
-                               f"world size that wrote it (FSDP2 checkpoints reshard)")
-        extra = torch.load(path, weights_only=True)
-        if extra["world_size"] != dist.get_world_size():
-            raise RuntimeError(f"{directory}: written by {extra['world_size']} ranks, resuming on "
-                               f"{dist.get_world_size()}; ZeRO-3 checkpoints resume on the same world size")
-        for role, engine in self.engines.items():
-            if role in self.optimizers:
-                engine.load_checkpoint(os.path.join(directory, role), tag="state")
-        for shard, saved in zip(self.ema_shards, extra["ema"]):
-            shard.copy_(saved)
-        for role, steps in extra["scheduler_steps"].items():
-            scheduler = self.schedulers[role]
-            scheduler.last_epoch = steps
-            for group, lr_lambda, base in zip(self.optimizers[role].param_groups, scheduler.lr_lambdas,
-                                              scheduler.base_lrs):
-                group["lr"] = base * lr_lambda(steps)
-        torch.set_rng_state(extra["torch_rng"])
+        """Loads a checkpoint written on any world size (DCP re-cuts each flat parameter into this run's pieces)."""
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state  # deepspeed loads through parallel/zero3.py import_deepspeed (seconds; skips a JIT build): ZeRO-3 paths only
+        self._ensure_optimizer_state()
+        state = self._dcp_state(fresh=True)
+        safe_dcp.load(state, directory)
+        with torch.no_grad():
+            for role in self.optimizers:
+                entry, engine = state["roles"][role], self.engines[role]
+                for name, param in self.raw[role].named_parameters():
+                    master = _padded(entry["model"][name], param)
+                    if param.requires_grad:
+                        safe_set_local_fp32_param(param, master)
+                        for key in ADAM_STATE:
+                            safe_set_local_optimizer_state(param, _padded(entry["zero3_optim"][name][key], param), key)
+                    param.ds_tensor.copy_(master.to(param.ds_tensor.dtype))   # the compute copy follows the master
+                for flat in engine.optimizer.fp32_partitioned_groups_flat:
+                    inner = engine.optimizer.optimizer.state[flat]
+                    inner["step"] = torch.full_like(inner["step"], float(entry["adam_step"]))
+                scheduler = self.schedulers[role]
+                scheduler.last_epoch = int(entry["scheduler_steps"])
+                for group, lr_lambda, base in zip(self.optimizers[role].param_groups, scheduler.lr_lambdas,
+                                                  scheduler.base_lrs):
+                    group["lr"] = base * lr_lambda(scheduler.last_epoch)
+                scheduler._last_lr = [group["lr"] for group in self.optimizers[role].param_groups]
+        torch.set_rng_state(state["torch_rng"])
+
+
+ADAM_STATE = ("exp_avg", "exp_avg_sq")
+
+
+def _padded(piece: DTensor, param) -> torch.Tensor:
+    """A loaded flat piece back to ZeRO-3's padded partition length."""
+    local = piece.to_local()
+    out = torch.zeros(param.ds_tensor.numel(), dtype=torch.float32, device=param.ds_tensor.device)
+    out[: local.numel()].copy_(local)
+    return out
 
 
 def load_partitions(module: nn.Module, source) -> None:

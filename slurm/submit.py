@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -36,12 +37,16 @@ def parse_args(argv):
     return parser.parse_intermixed_args(argv)
 
 
+PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
+
+
 def fill(template: str, values: dict[str, str]) -> str:
-    for key, value in values.items():
-        template = template.replace("{{" + key + "}}", value)
-    if "{{" in template:
-        raise ValueError(f"unfilled placeholder in {TEMPLATE}: {template[template.index('{{'):][:40]}")
-    return template
+    """One pass over the template: each placeholder is replaced by its value, and a value is never scanned again
+    (a value holding "{{OVERRIDES}}" stays those literal characters, inside its quotes)."""
+    unknown = sorted(set(PLACEHOLDER.findall(template)) - set(values))
+    if unknown:
+        raise KeyError(f"{TEMPLATE}: placeholder {{{{{unknown[0]}}}}} has no value")
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
 def job_script(recipe, recipe_path: str, overrides: list[str]) -> str:
@@ -54,8 +59,9 @@ def job_script(recipe, recipe_path: str, overrides: list[str]) -> str:
         extra.append(f"#SBATCH --partition={launch.partition}")
     if launch.account:
         extra.append(f"#SBATCH --account={launch.account}")
-    env = "\n".join(f"export {name}={shlex.quote(value)}" for name, value in launch.env.items()
-                    if name.isidentifier()) or "# (launch.env is empty)"
+    # names are checked by the recipe schema (launch.env: letters, digits, _), values quoted
+    env = "\n".join(f"export {name}={shlex.quote(value)}" for name, value in launch.env.items()) or \
+        "# (launch.env is empty)"
     run_dir = os.path.abspath(recipe.run.dir)
     return fill(open(TEMPLATE).read(), {
         "JOB_NAME": launch.job_name, "NODES": str(launch.nodes), "CPUS_PER_TASK": str(launch.cpus_per_task),

@@ -27,7 +27,7 @@ from trainer.validate import check_recipe, source_of
 
 # ---------------------------------------------------------------------------------------------- sections
 class RunConfig(Section):
-    dir: str = Field(description="run directory: config.yaml, stage folders, checkpoints, tensorboard, samples")
+    dir: str = Field(min_length=1, description="run directory: config.yaml, stage folders, checkpoints, tensorboard, samples")
     seed: int = 0
 
 
@@ -212,10 +212,11 @@ class LaunchConfig(Section):
     account: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     job_name: str = Field("dmdx", pattern=r"^[A-Za-z0-9_.-]+$")
     signal_seconds: int = Field(300, gt=0, description="USR1 this long before the time limit: the trainer "
-                                "checkpoints at its next logging step and the job requeues itself")
+                                "checkpoints at its next step boundary and the job requeues itself")
     max_restarts: int = Field(3, ge=0, description="torchrun --max-restarts: worker-group restarts after a failure")
     rdzv_port: int = Field(29500, gt=0, lt=65536, description="c10d rendezvous port on the first node")
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment for the job")
+    env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], str] = Field(
+        default_factory=dict, description="extra environment for the job (names: letters, digits, _)")
     sbatch_args: list[str] = Field(default_factory=list, description="extra sbatch options, one per item")
 
     @field_validator("time", mode="before")
@@ -256,6 +257,11 @@ def _read_yaml(path: str, named_by: str) -> dict:
         where = f"line {mark.line + 1}" if mark else "?"
         raise RecipeError(path, "", f"not valid YAML at {where}: {getattr(e, 'problem', e)}",
                           "check indentation and quoting") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(path, "", f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})",
+                          "save the recipe as UTF-8") from None
+    except OSError as e:
+        raise RecipeError(path, "", f"cannot read it: {e.strerror}", "check the file's permissions") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

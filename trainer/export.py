@@ -33,6 +33,7 @@ import torch
 
 from parallel.offline import checkpoint_weights
 from parallel.runtime_env import apply_runtime_defaults
+from trainer.checkpoint import STEP_PREFIX, Checkpointer, problems
 from trainer.config import load_recipe
 from trainer.families import build_family
 from trainer.lora import add_lora, fuse
@@ -93,20 +94,25 @@ def sampling_arguments(recipe, family, extra: dict) -> dict:
 
 
 def checkpoint_folder(run_dir: str, stage: str, name: str) -> str:
-    """`latest` or a step folder name (step_0000120) of the stage's checkpoints."""
-    root = os.path.join(run_dir, stage, "checkpoints")
+    """`latest` (the newest checkpoint that verifies, trainer/checkpoint.py) or a step folder name (step_0000120),
+    which must verify too: a temp folder or a damaged checkpoint is refused with one line."""
+    checkpointer = Checkpointer(os.path.join(run_dir, stage), keep_last=1)
+    root = checkpointer.root
     if name == "latest":
-        pointer = os.path.join(root, "latest")
-        if not os.path.isfile(pointer):
-            raise FileNotFoundError(f"{root}: no checkpoint yet (hint: the stage writes one every "
+        folder = checkpointer.newest_verified()
+        if folder is None:
+            raise FileNotFoundError(f"{root}: no checkpoint that verifies (hint: the stage writes one every "
                                     f"train.checkpoint_every steps)")
-        with open(pointer) as f:
-            name = f.read().strip()
+        return folder
     folder = os.path.join(root, name)
-    if not os.path.isdir(folder):
+    if not name.startswith(STEP_PREFIX) or os.sep in name or not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such checkpoint (hint: --checkpoint latest, or one of "
-                                f"{sorted(d for d in os.listdir(root) if d.startswith('step_'))})"
-                                if os.path.isdir(root) else f"{root}: no checkpoints")
+                                f"{sorted(checkpointer.step_folders())})" if os.path.isdir(root)
+                                else f"{root}: no checkpoints")
+    found = problems(folder)
+    if found:
+        raise FileNotFoundError(f"{folder}: not a complete checkpoint: {'; '.join(found[:3])} (hint: --checkpoint "
+                                f"latest takes the newest that verifies)")
     return folder
 
 

@@ -1,7 +1,8 @@
 """`python -m trainer.main RECIPE [key=value ...] [--dry-run]`: run the recipe's stages in order; rerun resumes.
 
 Works single-process and under torchrun. Everything the recipe, the world size and the run directory can get wrong
-is checked before anything is built or written (trainer/validate.py): one line on stderr, exit 2.
+is checked before anything is built or written (trainer/validate.py): one line on stderr, exit 2. One trainer per
+run dir (trainer/run_lock.py). Exit codes: trainer/exit_codes.py.
 docs/operations.md describes a run; docs/recipes.md the recipe.
 """
 from __future__ import annotations
@@ -12,18 +13,23 @@ import os
 import sys
 import time
 
+import torch.distributed as dist
+
+from data.streams import StreamError
 from parallel.distributed import init_distributed, shutdown
 from parallel.runtime_env import apply_runtime_defaults
+from parallel.safe_dcp import UnsafeCheckpoint
 from trainer import provenance
 from trainer.config import RecipeError, dump_recipe, load_recipe
+from trainer.exit_codes import (BAD_INPUT, ENVIRONMENT, OK, TRAINING_FAULT, BadInput, EnvironmentFault,
+                                environment_cause)
 from trainer.guards import GuardError
 from trainer.memory_plan import plan_memory
+from trainer.run_lock import RunDirLock
 from trainer.stages import run_stages
 from trainer.stages.run_dir import prepare_run_dir
-from trainer.trainer import Preempted
+from trainer.trainer import Stopped
 from trainer.validate import check_launch
-
-USAGE_EXIT = 2
 
 
 def parse_args(argv):
@@ -46,7 +52,7 @@ def dry_run_plan(args, recipe) -> int:
         check_launch(recipe, world_size, "cuda" if recipe.parallel.attention == "xformers" else "cpu", args.recipe)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
-        return USAGE_EXIT
+        return BAD_INPUT
     plan = plan_memory(recipe, world_size, trace=not args.no_trace)
     print(plan.format())
     if plan.gpu_memory_gib is not None and plan.total > plan.gpu_memory_gib * (1 << 30):
@@ -70,6 +76,15 @@ def print_summary(run_dir: str, metrics: dict | None, seconds: float, log) -> No
     log("  " + json.dumps({k: v for k, v in s.items() if k not in ("fd", "precision", "recall")}))
 
 
+def agree_on(problem: str | None) -> str | None:
+    """Rank 0's answer on every rank (start-up only: one small broadcast)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return problem
+    box = [problem]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def main(argv=None) -> int:
     apply_runtime_defaults()
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -77,38 +92,77 @@ def main(argv=None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
-        return USAGE_EXIT
+        return BAD_INPUT
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return dry_run_plan(args, recipe)
     dist_info = init_distributed(timeout_seconds=recipe.parallel.collective_timeout_seconds,
                                  need_group=recipe.parallel.backend != "data_parallel")
     log = (lambda msg: print(msg, flush=True)) if dist_info.is_main else (lambda msg: None)
+    error = (lambda msg: print(f"error: {msg}", file=sys.stderr, flush=True)) if dist_info.is_main else log
     try:   # every rank checks (the same answer everywhere): nothing is built or written before this
         check_launch(recipe, dist_info.world_size, dist_info.device.type, args.recipe)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT
+    lock, problem = None, None
+    if dist_info.is_main:   # one holder per run: global rank 0 (trainer/run_lock.py)
+        lock = RunDirLock(recipe.run.dir, log)
+        try:
+            lock.acquire()
+        except EnvironmentFault as e:
+            lock, problem = None, str(e)
+    problem = agree_on(problem)
+    if problem:
+        error(problem)
+        shutdown()
+        return ENVIRONMENT
+    try:
+        return run(args, argv, recipe, dist_info, log, error)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(args, argv, recipe, dist_info, log, error) -> int:
+    """The run itself, under the run-dir lock; every failure a user can act on is one line and a fixed exit code."""
+    try:
         run_dir = prepare_run_dir(recipe, args.recipe) if dist_info.is_main else recipe.run.dir
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
-        return USAGE_EXIT
+        return BAD_INPUT
     record = provenance.attempt_record(dist_info.world_size, [sys.executable, "-m", "trainer.main",
                                                               *(sys.argv[1:] if argv is None else argv)])
     record["recipe"] = recipe.model_dump(mode="json")
-    if dist_info.is_main:
-        provenance.append(run_dir, record)
     started = time.perf_counter()
     try:
+        if dist_info.is_main:
+            provenance.append(run_dir, record)
         metrics = run_stages(recipe, run_dir, dist_info, log, record)
     except GuardError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Preempted as e:
+        error(str(e))
+        return TRAINING_FAULT
+    except Stopped as e:
         log(str(e))
         shutdown()
-        return 0
+        return e.exit_code
+    except (RecipeError, BadInput, UnsafeCheckpoint, StreamError) as e:
+        error(str(e))
+        return BAD_INPUT
+    except EnvironmentFault as e:
+        error(str(e))
+        return ENVIRONMENT
+    except Exception as e:
+        cause = environment_cause(e)
+        if cause is None:
+            raise
+        error(f"{cause.filename or run_dir}: {cause.strerror} (errno {cause.errno}) (hint: free space or fix "
+              f"permissions, then rerun the same command: it resumes from the last checkpoint)")
+        return ENVIRONMENT
     if dist_info.is_main:
         print_summary(run_dir, metrics, time.perf_counter() - started, log)
     shutdown()
-    return 0
+    return OK
 
 
 if __name__ == "__main__":

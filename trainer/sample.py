@@ -51,6 +51,10 @@ def main(argv=None) -> int:
     if args.num <= 0 or (args.steps is not None and args.steps <= 0):
         print("error: --num and --steps must be positive", file=sys.stderr)
         return 2
+    if os.path.isdir(args.out) or args.out.endswith(os.sep):
+        print(f"error: --out {args.out}: is a directory (hint: name the .npz file to write, e.g. "
+              f"{os.path.join(args.out, 'samples.npz')})", file=sys.stderr)
+        return 2
     recipe, family, denoiser, generator = load_student(args.run_dir)
     if recipe.family.name == "toy":
         labels = eval_labels(args.num, family.dataset)
@@ -70,7 +74,8 @@ def main(argv=None) -> int:
         samples = sample_latents(recipe, family, denoiser, generator, labels, args.seed, args.steps)
         out_labels = labels.numpy()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez(args.out, samples=samples.numpy().astype(np.float32), labels=out_labels.astype(np.int64))
+    with open(args.out, "wb") as f:   # a file object: numpy would append .npz to a path without it
+        np.savez(f, samples=samples.numpy().astype(np.float32), labels=out_labels.astype(np.int64))
     print(f"wrote {args.num} samples to {args.out}")
     return 0
 

@@ -5,9 +5,9 @@ It owns checkpoint cadence, resume, metric reduction and logging; the method own
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
+import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -19,13 +19,12 @@ import torch.distributed as dist
 from parallel.randomness import StepRandom, sample_indices
 from trainer.checkpoint import Checkpointer
 from trainer.config import GuardsConfig
+from trainer.exit_codes import stopped_by
 from trainer.guards import GuardError, Guards, nonfinite_flag, sample_statistics
 from trainer.methods.base import LossOut, Method, Nets, StepContext
 from trainer.monitor import Monitor
 from trainer.sampling import student_sample
-
-
-PREEMPT_FILE_ENV = "DMDX_PREEMPT_FILE"
+from trainer.stop_requests import StopRequests
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
@@ -36,8 +35,13 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-class Preempted(Exception):
-    """The job script asked for a checkpoint and a clean stop (trainer.main exits 0 after it)."""
+class Stopped(Exception):
+    """A stop was asked for (trainer/stop_requests.py) and the checkpoint is written. exit_code: 0 after USR1 (the
+    job script requeues), 128 + the signal after SIGTERM / SIGINT (trainer/exit_codes.py)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -77,7 +81,9 @@ class StageTrainer:
             guards_cfg = GuardsConfig()
         self.guards = Guards(guards_cfg)
         self.checkpointer = Checkpointer(stage_dir, loop.keep_last, dist_info.is_main)
+        self.stops = StopRequests(dist_info.is_main)
         self.step = 0
+        self.saved_step = -1             # the step of the last checkpoint this process wrote
         self.samples_seen = 0
         self.device_hours = 0.0          # world size x wall time over every attempt of this stage (extra_state)
         self.last_histograms: dict[str, torch.Tensor] = {}
@@ -103,7 +109,7 @@ class StageTrainer:
             self.data_source.load_state_dict(extra["data"])
 
     def resume(self) -> bool:
-        path = self.checkpointer.latest_path()
+        path = self.checkpointer.newest_verified()   # collective: the ranks share the hashing
         if path is None:
             return False
         self.backend.load_state(path)
@@ -112,6 +118,7 @@ class StageTrainer:
 
     def save(self) -> None:
         self.checkpointer.save(self.step, self.backend.save_state, self.extra_state())
+        self.saved_step = self.step
 
     # --- one step --------------------------------------------------------------------------------------------
     def make_context(self, step: int, indices: Optional[range] = None, real=None) -> StepContext:
@@ -243,25 +250,16 @@ class StageTrainer:
         if self.dist.is_main:
             monitor.image("samples/grid", self.family.render_grid(samples), self.step)
 
-    def preemption_requested(self) -> bool:
-        """Whether the job script asked this run to checkpoint and stop (slurm/: the USR1 trap touches the file
-        named by DMDX_PREEMPT_FILE). Read at the logging cadence only: rank 0 looks at the file and every rank
-        follows its answer (one scalar all-reduce + host read, beside the metrics' own sync)."""
-        path = os.environ.get(PREEMPT_FILE_ENV)
-        if not path:
-            return False
-        flag = torch.tensor(float(self.dist.is_main and os.path.exists(path)), device=self.dist.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def consume_preemption_request(self) -> None:
-        """Remove the request once the checkpoint is written: the job script requeues only when it is gone."""
-        if self.dist.is_main:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.environ[PREEMPT_FILE_ENV])
-        if dist.is_initialized():
-            dist.barrier()
+    def stop_here(self, request: int) -> None:
+        """Act on a stop request at this step boundary: checkpoint (unless this step just wrote one), then stop."""
+        if self.saved_step != self.step:
+            self.save()
+        self.stops.consume_file()
+        name = signal.Signals(request).name
+        code = 0 if request == signal.SIGUSR1 else stopped_by(request)
+        verb = "preempted" if request == signal.SIGUSR1 else "stopped"
+        raise Stopped(f"[{self.stage_name}] {verb} at step {self.step} ({self.samples_seen} samples seen) on {name}: "
+                      f"checkpoint written; rerunning the same command resumes here", code)
 
     def roll_back(self, monitor: Monitor) -> None:
         """Return to the last complete checkpoint after `max_consecutive_skips` skipped updates in a row."""
@@ -270,7 +268,7 @@ class StageTrainer:
         if self.guards.rollbacks >= cfg.max_rollbacks:
             raise GuardError(f"[{self.stage_name}] {reason}, after {self.guards.rollbacks} rollbacks: stopping "
                              f"(hint: lower the learning rates or raise guards.max_rollbacks)")
-        if self.checkpointer.latest_path() is None:
+        if not self.checkpointer.has_checkpoint():
             raise GuardError(f"[{self.stage_name}] {reason}, and no checkpoint to roll back to "
                              f"(hint: lower train.checkpoint_every)")
         self.guards.rollbacks += 1
@@ -292,6 +290,10 @@ class StageTrainer:
         return dict(zip(keys, local.tolist()))
 
     def run(self) -> None:
+        with self.stops.installed():
+            self._run()
+
+    def _run(self) -> None:
         resumed = self.resume()
         loop = self.loop
         monitor = Monitor(f"{self.stage_dir}/tb", self.dist.is_main, loop.steps, self.step, self.stage_name)
@@ -332,15 +334,12 @@ class StageTrainer:
                     if self.guards.should_roll_back():
                         self.roll_back(monitor)
                         continue
-                    if self.preemption_requested():
-                        self.save()
-                        self.consume_preemption_request()
-                        raise Preempted(f"[{self.stage_name}] preempted at step {self.step} "
-                                        f"({self.samples_seen} samples seen): checkpoint written; rerunning the same "
-                                        f"command resumes here")
                 if loop.sample_every and self.student_timesteps and self.step % loop.sample_every == 0:
                     self.log_sample_grid(monitor)
                 if self.step % loop.checkpoint_every == 0 or self.step == loop.steps:
                     self.save()
+                request = self.stops.poll()   # every step: Slurm's SIGKILL follows SIGTERM within KillWait seconds
+                if request:
+                    self.stop_here(request)
         finally:   # the bar's last line before any error line
             monitor.close()

@@ -9,7 +9,6 @@ Every failure is a `RecipeError`: one line naming the file, the key and a hint; 
 """
 from __future__ import annotations
 
-import json
 import os
 
 from parallel.dims import ParallelDims, ParallelDimsError
@@ -213,7 +212,7 @@ def check_optimizers(recipe, provenance: dict, path: str) -> None:
 
 
 def check_launch(recipe, world_size: int, device_type: str, path: str) -> None:
-    """Rules that need the world size and the device, and the run directory's existing checkpoints."""
+    """Rules that need the world size and the device."""
     def fail(key: str, problem: str, hint: str) -> None:
         raise RecipeError(path, key, problem, hint)
 
@@ -237,28 +236,6 @@ def check_launch(recipe, world_size: int, device_type: str, path: str) -> None:
     problem = attention_problem(p.attention, device_type, recipe.family.name)
     if problem:
         raise RecipeError(path, "", problem)
-    if p.backend == "zero3":
-        check_zero3_world_size(recipe, world_size, fail)
-
-
-def check_zero3_world_size(recipe, world_size: int, fail) -> None:
-    """A ZeRO-3 checkpoint holds one partition file per rank and resumes on the world size that wrote it: refused at
-    start, before any role is built (FSDP2 checkpoints reshard through DCP)."""
-    for stage in ("pretrain", "distill"):
-        root = os.path.join(recipe.run.dir, stage, "checkpoints")
-        pointer = os.path.join(root, "latest")
-        if not os.path.isfile(pointer) or os.path.isfile(os.path.join(recipe.run.dir, stage, "student.safetensors")):
-            continue
-        with open(pointer) as f:
-            extra_path = os.path.join(root, f.read().strip(), "extra.json")
-        if not os.path.isfile(extra_path):
-            continue
-        with open(extra_path) as f:
-            written_by = json.load(f).get("world_size")
-        if written_by is not None and written_by != world_size:
-            fail("parallel.backend", f"the {stage} stage's ZeRO-3 checkpoint in {root} was written by {written_by} "
-                 f"ranks; this launch has {world_size} (ZeRO-3 checkpoints resume on the world size that wrote them)",
-                 f"resume with {written_by} processes, or start a new run.dir")
 
 
 def attention_problem(backend: str, device_type: str, family: str) -> str | None:

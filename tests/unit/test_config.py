@@ -176,22 +176,3 @@ def test_rerun_with_a_different_recipe_is_refused(tmp_path):
     result = run_cli(SMOKE, f"run.dir={run_dir}", "distill.train.steps=3")
     assert result.returncode == 2 and "different recipe" in result.stderr
     assert (run_dir / "config.yaml").read_text() == dump_recipe(recipe)   # nothing overwritten
-
-
-def test_zero3_checkpoint_of_another_world_size_is_refused_at_start(tmp_path):
-    """A run dir whose unfinished distill stage holds a ZeRO-3 checkpoint written by 2 ranks, rerun on 1: one line
-    naming the world sizes, exit 2, before any role is built or anything written (no provenance line)."""
-    from trainer.config import dump_recipe
-    run_dir = tmp_path / "run"
-    overrides = [f"run.dir={run_dir}", "parallel.backend=zero3", "stages=[teacher,distill]"]
-    recipe = load_recipe(SMOKE, overrides)
-    checkpoint = run_dir / "distill" / "checkpoints" / "step_0000010"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "extra.json").write_text('{"step": 10, "world_size": 2}')
-    (run_dir / "distill" / "checkpoints" / "latest").write_text("step_0000010")
-    (run_dir / "config.yaml").write_text(dump_recipe(recipe))
-    result = run_cli(SMOKE, *overrides)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
-    assert "written by 2 ranks" in lines[0] and "this launch has 1" in lines[0]
-    assert not (run_dir / "provenance.jsonl").exists() and not (run_dir / "teacher").exists()

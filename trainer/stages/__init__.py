@@ -13,7 +13,7 @@ from trainer.families.prompts import encode_prompt_file
 from trainer.stages.collect import run_collect_stage
 from trainer.stages.evaluate import run_evaluate_stage
 from trainer.stages.teacher import run_teacher_stage
-from trainer.stages.training import run_training_stage
+from trainer.stages.training import check_streams, run_training_stage
 
 
 def prepare_prompts(recipe, run_dir: str, dist_info, log) -> None:
@@ -29,6 +29,7 @@ def run_stages(recipe, run_dir: str, dist_info, log, provenance: dict | None = N
     """Every stage of the recipe in order; returns the evaluate stage's metrics (rank 0), if it ran.
     provenance: this attempt's record (trainer/provenance.py), carried into every checkpoint's extra state."""
     metrics = None
+    check_streams(recipe, run_dir)
     prepare_prompts(recipe, run_dir, dist_info, log)
     for stage in recipe.stages:
         if stage == "teacher":

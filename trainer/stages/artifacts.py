@@ -104,3 +104,20 @@ def write_teacher_ref(recipe, run_dir: str, stage_dir: str) -> None:
     with open(os.path.join(stage_dir, TEACHER_REF_FILE), "w") as f:
         json.dump({"path": os.path.abspath(path) if os.path.exists(path) else path,
                    "sha256": file_sha256(path) if os.path.isfile(path) else folder_fingerprint(path)}, f, indent=1)
+
+
+COMPLETE_FILE = "complete.json"
+
+
+def mark_stage_complete(stage_dir: str, outputs: list[str]) -> None:
+    """Written last, atomically (temp file + rename), once every output of a stage with several is written."""
+    tmp = os.path.join(stage_dir, f"{COMPLETE_FILE}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"outputs": [os.path.relpath(p, stage_dir) for p in outputs]}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(stage_dir, COMPLETE_FILE))
+
+
+def stage_complete(stage_dir: str) -> bool:
+    return os.path.isfile(os.path.join(stage_dir, COMPLETE_FILE))

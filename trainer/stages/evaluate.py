@@ -1,9 +1,11 @@
 """The `evaluate` stage (toy families): the student's and the teacher's samples against the held-out data (FD,
-precision, recall, class coverage; trainer/evaluation.py), metrics.json, PNG grids and tensorboard."""
+precision, recall, class coverage; trainer/evaluation.py), metrics.json, PNG grids and tensorboard. The stage is
+done once complete.json is written, after all of them: a kill in between reruns the whole stage."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import torch
@@ -11,7 +13,7 @@ import torch
 from parallel.distributed import barrier
 from trainer.evaluation import eval_labels, metrics_for, sample_grid_png, train_classifier, write_metrics
 from trainer.monitor import Monitor
-from trainer.stages.artifacts import method_label
+from trainer.stages.artifacts import mark_stage_complete, method_label, stage_complete
 from trainer.stages.students import draw_student_samples, draw_teacher_samples, load_student
 
 
@@ -23,11 +25,12 @@ def run_evaluate_stage(recipe, run_dir: str, dist_info, log) -> dict | None:
         barrier()
         return None
     os.makedirs(stage_dir, exist_ok=True)
-    if os.path.isfile(metrics_path):
+    if stage_complete(stage_dir):
         log(f"[evaluate] done already: {metrics_path}")
         barrier()
         with open(metrics_path) as f:
             return json.load(f)
+    shutil.rmtree(os.path.join(stage_dir, "tb"), ignore_errors=True)   # an interrupted attempt's partial events
     recipe, family, denoiser, generator = load_student(run_dir, recipe)
     dataset, ev = family.dataset, recipe.eval
     classifier = train_classifier(dataset)
@@ -67,5 +70,6 @@ def run_evaluate_stage(recipe, run_dir: str, dist_info, log) -> dict | None:
     monitor.image("eval/student_samples", img, 0)
     monitor.image("eval/teacher_samples", img_teacher, 0)
     monitor.close()
+    mark_stage_complete(stage_dir, [metrics_path, png_student, png_teacher, os.path.join(stage_dir, "tb")])
     barrier()
     return metrics

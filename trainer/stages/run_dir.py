@@ -2,7 +2,7 @@
 
 A run dir is the same run when the EXPERIMENT part of the recipe agrees. What only says how the run is laid onto
 machines may change between attempts, and each attempt's values are kept in provenance.jsonl:
-`launch:`, the world size (not in the recipe), `parallel.dp_replicate / dp_shard / sp`, activation checkpointing,
+`run.dir` itself (a run dir copied or moved elsewhere resumes there), `launch:`, the world size (not in the recipe), `parallel.dp_replicate / dp_shard / sp`, activation checkpointing,
 resharding and offload, the collective timeout, the GPU memory figure, the loader workers and every stage's
 `micro_batch_size` (accumulation regroups the same samples; trainer/trainer.py `micro_contexts`).
 `parallel.backend` changes the checkpoint format and `parallel.mixed_precision` the numbers: both belong to the
@@ -18,7 +18,7 @@ import yaml
 from trainer.config import dump_recipe
 from trainer.sections import RecipeError
 
-PLACEMENT_KEYS = ("launch", "parallel.dp_replicate", "parallel.dp_shard", "parallel.sp",
+PLACEMENT_KEYS = ("run.dir", "launch", "parallel.dp_replicate", "parallel.dp_shard", "parallel.sp",
                   "parallel.activation_checkpointing", "parallel.reshard_after_forward", "parallel.cpu_offload",
                   "parallel.collective_timeout_seconds", "parallel.gpu_memory_gib", "data.loader_workers",
                   "teacher.train.micro_batch_size", "pretrain.train.micro_batch_size",
@@ -59,8 +59,17 @@ def prepare_run_dir(recipe, path: str) -> str:
     text = dump_recipe(recipe)
     config_path = os.path.join(run_dir, "config.yaml")
     if os.path.isfile(config_path):
-        with open(config_path) as f:
-            written = yaml.safe_load(f.read())
+        try:
+            with open(config_path) as f:
+                written = yaml.safe_load(f.read())
+            if not isinstance(written, dict):
+                raise ValueError(f"holds a {type(written).__name__}, not a recipe")
+        except (UnicodeDecodeError, yaml.YAMLError, ValueError) as e:
+            problem = str(e).splitlines()[0] if isinstance(e, ValueError) and not isinstance(
+                e, UnicodeDecodeError) else type(e).__name__
+            raise RecipeError(config_path, "", f"the run dir's recorded recipe is damaged ({problem}); nothing was "
+                              f"changed", "restore it (provenance.jsonl holds every attempt's resolved recipe), or "
+                              "pick a new run.dir") from None
         key = first_difference(experiment(written), experiment(yaml.safe_load(text)))
         if key:
             raise RecipeError(path, key, f"this run directory ({run_dir}) holds a different recipe (the experiment "

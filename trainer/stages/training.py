@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from data.streams import TrainingStream
+from data.streams import TrainingStream, verify_local_stream
 from data.toy import ToyStream
 from parallel.backends import build_backend
 from parallel.distributed import barrier
@@ -36,7 +36,7 @@ def build_stage_trainer(recipe, run_dir: str, dist_info, stage: str = "distill")
     if method.needs_pairs:
         data = pairs_data(recipe, run_dir, dist_info, train.batch_size)
     elif method.needs_real_data:
-        data = real_data(recipe, family, dist_info, train.batch_size)
+        data = real_data(recipe, run_dir, family, dist_info, train.batch_size)
     else:
         data = None
     return StageTrainer(stage_dir=stage_dir, stage_name=f"{stage}:{section.method.name}", method=method,
@@ -53,11 +53,12 @@ def pairs_data(recipe, run_dir: str, dist_info, global_batch: int) -> "StreamAda
     stream = TrainingStream("ode_pairs", pairs_path(recipe, run_dir), d.pairs_local,
                             global_batch // dist_info.dp_size, recipe.run.seed,
                             num_canonical_nodes=d.num_canonical_nodes, replication=replication(dist_info),
-                            check_hashes=d.check_hashes, workers=d.loader_workers)
+                            check_hashes=d.check_hashes, workers=d.loader_workers,
+                            cache=stream_cache(run_dir, "ode_pairs"))
     return StreamAdapter(stream, lambda b: (b.noise.float(), b.outputs.float(), b.labels))
 
 
-def real_data(recipe, family, dist_info, global_batch: int):
+def real_data(recipe, run_dir: str, family, dist_info, global_batch: int):
     """The real-data source: an MDS `real_latents` stream when `data.real_remote` is set, else the bundled toy data."""
     d = recipe.data
     if d.real_remote is None:
@@ -65,8 +66,28 @@ def real_data(recipe, family, dist_info, global_batch: int):
     stream = TrainingStream("real_latents", d.real_remote, d.real_local, global_batch // dist_info.dp_size,
                             recipe.run.seed, num_canonical_nodes=d.num_canonical_nodes,
                             replication=replication(dist_info), check_hashes=d.check_hashes,
-                            workers=d.loader_workers)
+                            workers=d.loader_workers, cache=stream_cache(run_dir, "real_latents"))
     return StreamAdapter(stream, lambda b: (b.latents.float(), b.labels))
+
+
+def check_streams(recipe, run_dir: str) -> None:
+    """Before the first stage: every local stream the recipe names that exists already (data.real_remote, and the
+    pairs when no collect stage writes them) has the right schema and intact shards, so a wrong stream fails with
+    one line before hours of teacher or collect work, not after (hashes are remembered: opening it later is free)."""
+    d = recipe.data
+    named = [("real_latents", d.real_remote, d.real_local, "real_latents")]
+    if "collect" not in recipe.stages:
+        named.append(("ode_pairs", pairs_path(recipe, run_dir), d.pairs_local, "ode_pairs"))
+    for kind, root, local, name in named:
+        if root is None or "://" in root or not os.path.exists(root):
+            continue
+        verify_local_stream(root, kind, d.check_hashes, read_root=local or stream_cache(run_dir, name))
+
+
+def stream_cache(run_dir: str, name: str) -> str:
+    """Where a compressed stream without data.*_local is decompressed: inside the run dir (writable, one reader per
+    run: the run-dir lock), never the stream's own folder, which may be read-only or shared by other runs."""
+    return os.path.join(run_dir, "stream_cache", name)
 
 
 def replication(dist_info) -> int | None:

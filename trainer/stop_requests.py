@@ -32,10 +32,6 @@ class StopRequests:
     def __init__(self, is_main: bool):
         self.is_main = is_main
         self.received = 0                 # the first signal number caught, 0 if none
-        self.group = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            # the default group on CPU; a gloo twin of it on CUDA (nccl would put the flag on the device stream)
-            self.group = None if dist.get_backend() == "gloo" else _gloo_group()
 
     def _handle(self, signum, frame) -> None:
         if self.received and signum != signal.SIGUSR1:
@@ -70,7 +66,10 @@ class StopRequests:
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return flag
         value = torch.tensor([flag], dtype=torch.int32)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        # the default group on CPU; a gloo twin of it on CUDA (nccl would put the flag on the device stream), made
+        # on the first poll, which every rank reaches at the same step
+        group = None if dist.get_backend() == "gloo" else _gloo_group()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
         return int(value.item())   # a CPU tensor: no device sync
 
     def consume_file(self) -> None:

@@ -1,6 +1,7 @@
 """MDS streams: conversion, ODE-pair collection (2 ranks == 1 rank), resume across world sizes, bad data."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -194,15 +195,16 @@ def test_bad_data_errors_name_the_shard(tmp_path, case):
     write_real_latents(root, 16, parts=2)
     index = json.load(open(root / "index.json"))
     shard = (index["shards"][1].get("zip_data") or index["shards"][1]["raw_data"])["basename"]
+    named = re.escape(f"shard {index['shards'][1]['raw_data']['basename']} (samples 8-15)")   # raw name + range
     kind = "real_latents"
     if case == "missing shard":
         os.remove(root / shard)
-        expected = f"shard {shard} is missing"
+        expected = f"{named} is missing"
     elif case == "corrupt shard":
         data = bytearray((root / shard).read_bytes())
         data[len(data) // 2] ^= 0xFF
         (root / shard).write_bytes(bytes(data))
-        expected = f"shard {shard} is corrupt"
+        expected = f"{named} is corrupt"
     elif case == "schema mismatch":
         kind = "ode_pairs"
         expected = "column 'noise' missing"

@@ -7,7 +7,9 @@ Three ways to ask, all honoured at the next step boundary by every rank at the s
   default) and torchrun 30 s after forwarding it: one step plus one checkpoint write must fit in that window.
 - SIGUSR1, or the file named by DMDX_PREEMPT_FILE (the sbatch script's USR1 trap touches it: `--signal=B:USR1`
   reaches the batch shell only): checkpoint, exit 0, and the job script requeues.
-A second SIGTERM/SIGINT while the first is being handled ends the process at once (the default action).
+Repeats are expected and ignored: Slurm signals every process of the job and torchrun forwards the same signal to
+its workers, so a worker sees SIGTERM (or Ctrl-C's SIGINT) twice within moments. A SIGINT more than
+`REPEAT_SECONDS` after the first ends the process at once (the default action): a user pressing Ctrl-C again.
 
 The handlers are installed only while a training stage runs (`installed()`): elsewhere a signal acts as usual.
 Agreement across ranks: one 4-byte all-reduce (MAX) per step on a gloo group. It is a host-side collective that
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from typing import Iterator
 
 import torch
@@ -26,19 +29,22 @@ import torch.distributed as dist
 
 PREEMPT_FILE_ENV = "DMDX_PREEMPT_FILE"
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+REPEAT_SECONDS = 3.0
 
 
 class StopRequests:
     def __init__(self, is_main: bool):
         self.is_main = is_main
         self.received = 0                 # the first signal number caught, 0 if none
+        self.first_at = 0.0               # when (monotonic seconds)
 
     def _handle(self, signum, frame) -> None:
-        if self.received and signum != signal.SIGUSR1:
-            signal.signal(signum, signal.SIG_DFL)   # asked twice: stop now
+        if signum == signal.SIGINT and self.first_at and time.monotonic() - self.first_at > REPEAT_SECONDS:
+            signal.signal(signum, signal.SIG_DFL)   # Ctrl-C again, later: the user wants out now
             os.kill(os.getpid(), signum)
             return
-        self.received = self.received or signum
+        if not self.received:
+            self.received, self.first_at = signum, time.monotonic()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["StopRequests"]:

@@ -78,7 +78,7 @@ def wait_for(predicate, proc, timeout: float = 300) -> bool:
 
 def trial(fault: str, run_dir: str, teacher: str, backend: str, rng: random.Random) -> dict:
     env = dict(ENV)
-    write_step = None
+    write_step, tmp = None, ""
     if fault == "kill_in_write":
         write_step = rng.randrange(EVERY, STEPS, EVERY)
         env["DMDX_FAULT_SLEEP_IN_CHECKPOINT_WRITE"] = f"30:distill/checkpoints/step_{write_step:07d}"
@@ -112,6 +112,8 @@ def trial(fault: str, run_dir: str, teacher: str, backend: str, rng: random.Rand
     stopped = re.search(r"stopped at step (\d+)", open(log_path, errors="replace").read())
     if stopped:
         reached = max(reached, int(stopped.group(1)))
+    if write_step is not None and os.path.isdir(os.path.dirname(tmp)):
+        reached = max(reached, write_step)   # killed inside that step's checkpoint write
     rerun = subprocess.run(command(run_dir, teacher, backend), env=ENV, cwd=ROOT, capture_output=True, text=True,
                            timeout=600)
     resumed = re.search(r"resumed at step (\d+)", rerun.stdout)

@@ -27,10 +27,6 @@ def stopped_by(signum: int) -> int:
     return 128 + int(signal.Signals(signum))
 
 
-class BadInput(ValueError):
-    """Input the user can fix (exit 2); the message is one line naming the file, what is wrong and a hint."""
-
-
 class EnvironmentFault(RuntimeError):
     """The machine refused (exit 3); the message is one line naming the path and the cause."""
 

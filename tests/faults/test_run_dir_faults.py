@@ -26,7 +26,7 @@ def test_second_trainer_on_a_run_dir_is_refused_and_the_first_finishes(finished,
     env = dict(ENV, DMDX_FAULT_SLEEP_IN_CHECKPOINT_WRITE="10:distill/checkpoints/step_0000020")
     first = subprocess.Popen(trainer_command(run_dir), env=env, cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (run_dir / "distill" / "checkpoints" / "tmp-step_0000020" / "manifest.json").is_file(), first)
+    wait_for(lambda: (run_dir / "distill" / "checkpoints" / "tmp-step_0000020" / "extra.json").is_file(), first)
     second = run_trainer(run_dir, expect=3)
     line = one_error_line(second)
     assert "another trainer holds this run dir" in line and f"pid {first.pid}" in line, line

@@ -45,7 +45,7 @@ def test_zero3_checkpoint_never_runs_a_pickle_payload(zero3_finished, finished, 
     newest = run_dir / "distill" / "checkpoints" / "step_0000040"
     engine_file = newest / "generator" / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     engine_file.parent.mkdir(parents=True, exist_ok=True)
-    engine_file.write_bytes(pickle.dumps(Payload(marker)))
+    torch.save(Payload(marker), engine_file)   # what DeepSpeed's torch.load(weights_only=False) would run
     result = run_trainer(run_dir, *ZERO3, *distill_only(finished))
     assert "resumed at step 40" in result.stdout and not marker.exists()
 

@@ -125,17 +125,14 @@ def main(argv=None) -> int:
 
 def run(args, argv, recipe, dist_info, log, error) -> int:
     """The run itself, under the run-dir lock; every failure a user can act on is one line and a fixed exit code."""
-    try:
-        run_dir = prepare_run_dir(recipe, args.recipe) if dist_info.is_main else recipe.run.dir
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return BAD_INPUT
+    run_dir = recipe.run.dir
     record = provenance.attempt_record(dist_info.world_size, [sys.executable, "-m", "trainer.main",
                                                               *(sys.argv[1:] if argv is None else argv)])
     record["recipe"] = recipe.model_dump(mode="json")
     started = time.perf_counter()
     try:
         if dist_info.is_main:
+            prepare_run_dir(recipe, args.recipe)
             provenance.append(run_dir, record)
         metrics = run_stages(recipe, run_dir, dist_info, log, record)
     except GuardError as e:

@@ -8,7 +8,7 @@ Faults, each at a random time in the distill stage:
   kill_all       SIGKILL to torchrun and every worker (a lost node, `kill -9`)
   kill_in_write  SIGKILL to everything while a checkpoint is being written (held open by the fault-sleep hook)
   sigterm        SIGTERM to torchrun and every worker (Slurm's time limit, `scancel`): checkpoint, then exit
-Per fault it prints: trials, completed (the rerun exited 0), equal (final EMA and raw weights bit-equal to the
+Per fault it prints: trials, fault landed (the process was still there to signal), completed (the rerun exited 0), equal (final EMA and raw weights bit-equal to the
 uninterrupted run's), max steps redone (steps reached before the fault, from the progress line, minus the step the
 rerun resumed at). Progress goes to stderr, one plain line per trial; about 25-40 s per trial on 2 CPU cores.
 """
@@ -92,21 +92,30 @@ def trial(fault: str, run_dir: str, teacher: str, backend: str, rng: random.Rand
             started = wait_for(lambda: os.path.isfile(tmp), proc)
         elif started:
             time.sleep(rng.uniform(0.0, 4.0))
-        agent = psutil.Process(proc.pid)
-        workers = [p for p in agent.children(recursive=True) if "trainer.main" in " ".join(p.cmdline())]
-        if fault == "kill_one" and workers:
-            rng.choice(workers).send_signal(signal.SIGKILL)
-        elif fault == "sigterm":
-            for p in [agent, *workers]:
-                p.send_signal(signal.SIGTERM)
+        workers, agent = [], None
+        try:   # a process may be gone (or a zombie) already: the run can end before the fault lands
+            agent = psutil.Process(proc.pid)
+            workers = [p for p in agent.children(recursive=True) if "trainer.main" in " ".join(p.cmdline())]
+        except psutil.Error:
+            pass
+        if fault == "kill_one":
+            targets = [rng.choice(workers)] if workers else []
         else:
-            for p in [*workers, agent]:
-                p.send_signal(signal.SIGKILL)
+            targets = [*workers, agent] if agent is not None else workers
+        how = signal.SIGTERM if fault == "sigterm" else signal.SIGKILL
+        applied = False
+        for p in targets:
+            try:
+                p.send_signal(how)
+                applied = True
+            except psutil.Error:
+                pass
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            for p in [*agent.children(recursive=True), agent]:
+            for p in psutil.Process(proc.pid).children(recursive=True):
                 p.kill()
+            proc.kill()
             proc.wait()
     reached = last_progress(open(log_path, errors="replace").read())
     stopped = re.search(r"stopped at step (\d+)", open(log_path, errors="replace").read())
@@ -120,7 +129,7 @@ def trial(fault: str, run_dir: str, teacher: str, backend: str, rng: random.Rand
     resumed_at = int(resumed.group(1)) if resumed else 0
     return {"completed": rerun.returncode == 0, "rerun_tail": rerun.stderr[-800:],
             "redone": max(0, reached - resumed_at), "reached": reached, "resumed_at": resumed_at,
-            "first_exit": proc.returncode}
+            "first_exit": proc.returncode, "applied": applied}
 
 
 def main(argv=None) -> int:
@@ -168,15 +177,15 @@ def main(argv=None) -> int:
                 print(f"[campaign]   rerun stderr: {outcome['rerun_tail']}", file=sys.stderr, flush=True)
             if not args.keep:
                 shutil.rmtree(os.path.dirname(run_dir), ignore_errors=True)
-        rows.append((fault, len(outcomes), sum(o["completed"] for o in outcomes), sum(o["equal"] for o in outcomes),
-                     max(o["redone"] for o in outcomes)))
-    print(f"\n| backend | fault | trials | completed | final weights equal | max steps redone |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for fault, trials, completed, same, redone in rows:
-        print(f"| {args.backend} | {fault} | {trials} | {completed} | {same} | {redone} |")
+        rows.append((fault, len(outcomes), sum(o["applied"] for o in outcomes), sum(o["completed"] for o in outcomes),
+                     sum(o["equal"] for o in outcomes), max(o["redone"] for o in outcomes)))
+    print("\n| backend | fault | trials | fault landed | completed | final weights equal | max steps redone |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for fault, trials, landed, completed, same, redone in rows:
+        print(f"| {args.backend} | {fault} | {trials} | {landed} | {completed} | {same} | {redone} |")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if all(r[2] == r[1] and r[3] == r[1] for r in rows) else 1
+    return 0 if all(r[3] == r[1] and r[4] == r[1] for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -109,6 +109,15 @@ def warmup_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
+def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
+    """Put a warm-up LambdaLR (and its optimizer's learning rates) at `steps` steps, as after that many steps."""
+    scheduler.last_epoch = steps
+    groups = scheduler.optimizer.param_groups
+    for group, lr_lambda, base in zip(groups, scheduler.lr_lambdas, scheduler.base_lrs):
+        group["lr"] = base * lr_lambda(steps)
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
 def make_optimizer(params, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (DMD2: betas (0.9, 0.999), weight decay 0.01) with a linear warm-up then constant LR. Fused: one
     kernel per parameter group, and it takes the guards' found_inf flag (skip on the device)."""

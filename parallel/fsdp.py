@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from parallel import safe_dcp
-from parallel.backend import Backend, skip_flag
+from parallel.backend import Backend, restore_schedule, skip_flag
 from parallel.loading import check_keys
 from parallel.parallelize import ParallelizePlan, prepare_role
 from parallel.sequence import SequenceShards
@@ -185,10 +185,6 @@ class FSDP2Backend(Backend):
         for role, opt in self.optimizers.items():
             entry = state["roles"][role]
             set_state_dict(self.modules[role], opt, model_state_dict=entry["model"], optim_state_dict=entry["optim"])
-            scheduler = self.schedulers[role]
-            scheduler.last_epoch = int(entry["scheduler_steps"])
-            for group, lr_lambda, base in zip(opt.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
-                group["lr"] = base * lr_lambda(scheduler.last_epoch)
-            scheduler._last_lr = [group["lr"] for group in opt.param_groups]
+            restore_schedule(self.schedulers[role], int(entry["scheduler_steps"]))
         torch.set_rng_state(state["torch_rng"])
 

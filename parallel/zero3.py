@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from parallel import safe_dcp
-from parallel.backend import Backend, warmup_lambda
+from parallel.backend import Backend, restore_schedule, warmup_lambda
 from parallel.loading import check_keys
 from parallel.parallelize import ParallelizePlan, prepare_role
 from parallel.runtime_env import pin_mmap_threshold
@@ -246,7 +246,7 @@ class Zero3Backend(Backend):
         roles.<role>.model.<name> (fp32 master weights; a LoRA role's frozen base: its own partition),
         roles.<role>.zero3_optim.<name>.{exp_avg, exp_avg_sq}, roles.<role>.{adam_step, scheduler_steps},
         ema.<name>, torch_rng. fresh=False: views of the live partitions (save); fresh=True: zeroed buffers of this
-        world size's partitions for DCP to fill (load, then `_apply_state`)."""
+        world size's partitions for DCP to fill (load_state then hands them to DeepSpeed)."""
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state  # deepspeed loads through parallel/zero3.py import_deepspeed (seconds; skips a JIT build): ZeRO-3 paths only
 
         def piece(param, tensor):
@@ -313,12 +313,7 @@ class Zero3Backend(Backend):
                 for flat in engine.optimizer.fp32_partitioned_groups_flat:
                     inner = engine.optimizer.optimizer.state[flat]
                     inner["step"] = torch.full_like(inner["step"], float(entry["adam_step"]))
-                scheduler = self.schedulers[role]
-                scheduler.last_epoch = int(entry["scheduler_steps"])
-                for group, lr_lambda, base in zip(self.optimizers[role].param_groups, scheduler.lr_lambdas,
-                                                  scheduler.base_lrs):
-                    group["lr"] = base * lr_lambda(scheduler.last_epoch)
-                scheduler._last_lr = [group["lr"] for group in self.optimizers[role].param_groups]
+                restore_schedule(self.schedulers[role], int(entry["scheduler_steps"]))
         torch.set_rng_state(state["torch_rng"])
 
 

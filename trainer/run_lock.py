@@ -100,17 +100,17 @@ class RunDirLock:
             return None
 
     def _takeover_reason(self, holder: dict) -> str | None:
-        """Why an existing holder may be replaced, or None when it is a live other run."""
-        if holder.get("host") == self.me["host"] and holder.get("pid") == self.me["pid"]:
-            return "ours"
-        if self.me["job"] and holder.get("job") == self.me["job"]:
-            return f"an earlier attempt of this run ({self.me['job']})"
+        """Why a holder that is not this run may be replaced (said in a line), or None when it is a live other run."""
         if holder.get("host") == self.me["host"] and not _alive(int(holder.get("pid", -1))):
             return "its process is gone"
         age = time.time() - float(holder.get("heartbeat", 0))
         if age > LEASE_SECONDS:
             return f"its lease expired {age - LEASE_SECONDS:.0f} s ago (lease {LEASE_SECONDS:.0f} s)"
         return None
+
+    def _same_run(self, holder: dict) -> bool:
+        """An earlier attempt of this run (Slurm requeue, torchrun restart): replaced without a word."""
+        return bool(self.me["job"]) and holder.get("job") == self.me["job"]
 
     def _claim_holder_file(self) -> None:
         for _ in range(3):
@@ -122,12 +122,13 @@ class RunDirLock:
                 if holder is None:    # being written or damaged: look again shortly
                     time.sleep(0.2)
                     holder = self._read_holder() or {}
-                reason = self._takeover_reason(holder)
-                if reason is None:
-                    self._close()
-                    raise EnvironmentFault(f"{self.run_dir}: another trainer holds this run dir ({describe(holder)})"
-                                           f" (hint: wait for it, stop it, or pick another run.dir)") from None
-                if reason != "ours" and not reason.startswith("an earlier attempt"):
+                if not self._same_run(holder):
+                    reason = self._takeover_reason(holder)
+                    if reason is None:
+                        self._close()
+                        raise EnvironmentFault(f"{self.run_dir}: another trainer holds this run dir "
+                                               f"({describe(holder)}) (hint: wait for it, stop it, or pick another "
+                                               f"run.dir)") from None
                     self.log(f"[lock] taking over {self.run_dir} from {describe(holder)}: {reason}")
                 with contextlib.suppress(FileNotFoundError):   # rename: atomic, so one of two racers removes it
                     os.rename(self.holder_path, f"{self.holder_path}.stale-{self.me['pid']}")

@@ -18,6 +18,8 @@ import os
 
 from safetensors.torch import save_file
 
+from trainer.checkpoint import file_sha256
+
 TEACHER_FILE = "teacher.safetensors"
 PIXEL_BACKBONE_FILE = "pixel_backbone.safetensors"   # the toy's ADP pixel-discriminator backbone (teacher stage)
 STUDENT_FILE = "student.safetensors"        # EMA of the generator: what evaluation, sampling and export use
@@ -30,14 +32,6 @@ def save_atomic(state: dict, path: str) -> None:
     tmp = path + ".tmp"
     save_file({k: v.contiguous() for k, v in state.items()}, tmp)
     os.replace(tmp, path)
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def folder_fingerprint(path: str) -> str:

@@ -25,7 +25,7 @@ class StreamError(ValueError):
     """A stream that cannot be trained on; the message names the stream, the shard and the problem."""
 
 
-def _is_local(path: str) -> bool:
+def is_local(path: str) -> bool:
     return "://" not in path
 
 
@@ -59,6 +59,20 @@ def _file_verified(path: str, expected: str, streaming) -> bool:
 
 def is_compressed(index: dict) -> bool:
     return any(shard.get("zip_data") for shard in index.get("shards", []))
+
+
+def read_root(root: str, local: Optional[str], cache: Optional[str]) -> str:
+    """Where the raw shards of the local stream `root` are read from: `local` when given; the stream itself when
+    uncompressed (read in place); else `cache` (a writable folder the caller owns, e.g. in the run dir): compressed
+    shards are decompressed there, never into the stream, which may be read-only or shared."""
+    if local is not None:
+        return local
+    if not is_compressed(read_index(root)):
+        return root
+    if cache is None:
+        raise StreamError(f"{root}: a compressed stream needs a writable cache folder to decompress into (hint: set "
+                          f"data.*_local)")
+    return cache
 
 
 def verify_local_stream(root: str, kind: str, check_hashes: bool = True, read_root: Optional[str] = None) -> int:
@@ -114,23 +128,17 @@ class TrainingStream:
     def __init__(self, kind: str, remote: str, local: Optional[str], batch_size: int, seed: int,
                  num_canonical_nodes: int = 1, replication: Optional[int] = None, shuffle: bool = True,
                  check_hashes: bool = True, workers: int = 0, cache: Optional[str] = None):
-        """local: where streaming keeps (decompressed) shards; None: an uncompressed local stream is read in place
-        and a compressed one is decompressed into `cache` (a writable folder the caller owns, e.g. in the run dir),
-        never into the stream itself, which may be read-only or shared."""
+        """local: where streaming keeps (decompressed) shards; None: see `read_root` (in place, or `cache`)."""
         streaming = import_streaming()
         self.kind = kind
-        local_stream = _is_local(remote)
+        local_stream = is_local(remote)
         if local_stream:
-            if local is None and not is_compressed(read_index(remote)):
+            local = read_root(remote, local, cache)
+            if os.path.abspath(local) == os.path.abspath(remote):
                 # read in place: with remote set and no local, streaming would copy the shards into a temp folder
                 # named by the path's hash, which then refuses a second reader (another job, or a rerun after a kill)
-                remote, local = None, remote
-            elif local is None:
-                if cache is None:
-                    raise StreamError(f"{remote}: a compressed stream needs a writable cache folder to decompress "
-                                      f"into (hint: set data.*_local)")
-                local = cache
-            if os.path.abspath(local) != os.path.abspath(remote or local):
+                remote = None
+            else:
                 os.makedirs(local, exist_ok=True)   # a read-only place fails here, with the path, before training
             self.num_samples = verify_local_stream(remote or local, kind, check_hashes, read_root=local)
         # remote object stores: streaming validates each downloaded shard against its recorded hash

@@ -5,6 +5,7 @@ import shutil
 import stat
 
 from tests.faults.conftest import copy_run, one_error_line, run_trainer, unfinish
+from tests.helpers import SMOKE
 
 
 def flip_middle_byte(path):
@@ -54,3 +55,15 @@ def test_read_only_stream_is_read_through_a_cache(finished, tmp_path):
     assert snapshot(stream) == before
     assert (run_dir / "stream_cache" / "ode_pairs" / "part_000000" / "shard.00000.mds").is_file()
     assert (run_dir / "pretrain" / "student.safetensors").is_file()
+
+
+def test_streams_named_by_the_recipe_are_checked_where_they_are_read(tmp_path):
+    """The start-up check reads what training will read: an uncompressed stream in place (nothing in the run dir's
+    cache yet), a compressed one from the stream until its cache holds the decompressed shards."""
+    from tests.streams.test_streams import write_real_latents
+    from trainer.config import load_recipe
+    from trainer.stages.training import check_streams
+    for compression in (None, "zstd"):
+        stream = write_real_latents(tmp_path / f"stream-{compression}", 16, compression=compression)
+        recipe = load_recipe(SMOKE, [f"run.dir={tmp_path / 'run'}", f"data.real_remote={stream}"])
+        check_streams(recipe, str(tmp_path / "run"))

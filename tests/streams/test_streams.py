@@ -36,9 +36,9 @@ def torchrun(nproc, *args, timeout=300):
     return result
 
 
-def write_real_latents(root, n, parts=2, size_limit="4kb"):
+def write_real_latents(root, n, parts=2, size_limit="4kb", compression="zstd"):
     """n samples of [4, 4, 4] fp16 latents, id i filled with i, written as `parts` parts and merged."""
-    writer = PartsWriter(str(root), columns("real_latents"), size_limit=size_limit)
+    writer = PartsWriter(str(root), columns("real_latents"), compression=compression, size_limit=size_limit)
     per = n // parts
     for p in range(parts):
         writer.write(p, ({"id": i, "latent": np.full((4, 4, 4), i, np.float16), "caption": f"c{i}", "label": i % 10}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from data.streams import TrainingStream, verify_local_stream
+from data.streams import TrainingStream, is_local, read_root, verify_local_stream
 from data.toy import ToyStream
 from parallel.backends import build_backend
 from parallel.distributed import barrier
@@ -75,13 +75,13 @@ def check_streams(recipe, run_dir: str) -> None:
     pairs when no collect stage writes them) has the right schema and intact shards, so a wrong stream fails with
     one line before hours of teacher or collect work, not after (hashes are remembered: opening it later is free)."""
     d = recipe.data
-    named = [("real_latents", d.real_remote, d.real_local, "real_latents")]
+    named = [("real_latents", d.real_remote, d.real_local)]
     if "collect" not in recipe.stages:
-        named.append(("ode_pairs", pairs_path(recipe, run_dir), d.pairs_local, "ode_pairs"))
-    for kind, root, local, name in named:
-        if root is None or "://" in root or not os.path.exists(root):
+        named.append(("ode_pairs", pairs_path(recipe, run_dir), d.pairs_local))
+    for kind, root, local in named:
+        if root is None or not is_local(root) or not os.path.exists(root):
             continue
-        verify_local_stream(root, kind, d.check_hashes, read_root=local or stream_cache(run_dir, name))
+        verify_local_stream(root, kind, d.check_hashes, read_root(root, local, stream_cache(run_dir, kind)))
 
 
 def stream_cache(run_dir: str, name: str) -> str:

@@ -1,6 +1,7 @@
 """Process-group start-up: single process, or under torchrun (env:// rendezvous, gloo on CPU, nccl on CUDA)."""
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -54,6 +55,9 @@ def init_distributed(timeout_seconds: int = 600, need_group: bool = False) -> Di
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_seconds)
     if (world_size > 1 or need_group) and not dist.is_initialized():
+        # destroyed at exit whatever the exit path: a gloo group left to the interpreter's teardown can abort the
+        # process ("terminate called without an active exception", seen on workers with several groups: DCP's mesh)
+        atexit.register(shutdown)
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
         else:

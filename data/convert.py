@@ -2,15 +2,15 @@
 
   images  DIR          a folder of images (png, jpg, jpeg, webp; sorted by name) with optional same-stem .txt
                        captions -> `images` stream; with --vae VAE_DIR -> `real_latents` (VAE-encoded)
-  prompts FILE.jsonl   one JSON object per line with "text" (or "prompt") and optional "label" -> `prompts`;
-                       with --text-encoder DIR adds `text_embedding` (last hidden state, fp16)
+  prompts FILE.jsonl   one JSON object per line with "text" (or "prompt") and optional "label" -> `prompts`
+                       (text only: `python -m trainer.prepare prompts` encodes prompts with a family's own text
+                       encoders into the stream training reads)
   toy NAME             the bundled toy training split (digits, grid25, grid25u) -> `real_latents` ([D] vectors
                        with class labels), for DMD2's real branch through a stream
   parquet FILE         --kind prompts (column --text-column) or --kind images (columns --image-column holding
                        encoded image bytes, --caption-column)
 
-Encoders load with `from_pretrained` from a local folder or hub id (diffusers AutoencoderKL, transformers AutoModel
-+ AutoTokenizer). Inputs are cut into chunks of --chunk items; chunk j goes to rank j mod world_size (run under
+The VAE loads with `from_pretrained` from a local folder or hub id (diffusers AutoencoderKL). Inputs are cut into chunks of --chunk items; chunk j goes to rank j mod world_size (run under
 torchrun to spread the encoding) and is written atomically as its own part, so a rerun resumes where a crash left
 off. Sample ids are input positions (0..N-1). A progress bar with ETA runs on rank 0.
 """
@@ -29,7 +29,6 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoModel, AutoTokenizer
 
 from data.parts import PartsWriter, units_of_rank
 from data.schemas import columns
@@ -99,52 +98,26 @@ def read_parquet(path: str, kind: str, text_column: str, image_column: str, capt
     return out
 
 
-class Encoders:
-    """Optional encoders, loaded once per process with from_pretrained."""
-
-    def __init__(self, vae: str | None, text_encoder: str | None, resolution: int):
-        self.resolution = resolution
-        self.vae = self.text_model = self.tokenizer = None
-        if vae:
-            self.vae = AutoencoderKL.from_pretrained(vae).eval().requires_grad_(False)
-        if text_encoder:
-            self.tokenizer = AutoTokenizer.from_pretrained(text_encoder)
-            self.text_model = AutoModel.from_pretrained(text_encoder).eval().requires_grad_(False)
-
-    def encode_images(self, images) -> "list":
-        """PIL images -> fp16 latents [C, h, w] each: centre crop, resize to resolution, [-1, 1], VAE posterior mean
-        (deterministic; the mean, not a sample, so reruns reproduce the stream) times the VAE's scaling factor."""
-        r = self.resolution
-        batch = []
-        for img in images:
-            img = img.convert("RGB")
-            side = min(img.size)
-            left, top = (img.width - side) // 2, (img.height - side) // 2
-            img = img.crop((left, top, left + side, top + side)).resize((r, r), Image.BICUBIC)
-            batch.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-        with torch.no_grad():
-            latents = self.vae.encode(torch.stack(batch)).latent_dist.mean
-        cfg = self.vae.config
-        latents = (latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
-        return [latent.half().numpy() for latent in latents]
-
-    def encode_texts(self, texts: list[str]) -> "list":
-        tokens = self.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")
-        with torch.no_grad():
-            hidden = self.text_model(input_ids=tokens.input_ids).last_hidden_state
-        return [h.half().numpy() for h in hidden]
+@torch.no_grad()
+def encode_images(vae, images, resolution: int, device="cpu") -> torch.Tensor:
+    """PIL images -> float32 latents [N, C, h, w] on the host: centre crop, resize to `resolution`, [-1, 1], VAE
+    posterior mean (deterministic: the mean, not a sample, so reruns reproduce the stream), shifted and scaled by the
+    VAE's shift and scaling factors (the denoiser's latent space). The VAE runs in its own dtype on `device`."""
+    batch = []
+    for img in images:
+        img = img.convert("RGB")
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+        batch.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+    pixels = torch.stack(batch).to(device=device, dtype=vae.dtype)
+    latents = vae.encode(pixels).latent_dist.mean.float()
+    cfg = vae.config
+    return ((latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor).cpu()
 
 
-def chunk_samples(source: str, items: list[dict], start: int, encoders: Encoders) -> list[dict]:
-    if source == "toy":
-        return [{"id": start + i, "latent": it["latent"], "caption": "", "label": it["label"]}
-                for i, it in enumerate(items)]
-    if source == "prompts" or (source == "parquet" and "text" in items[0]):
-        samples = [{"id": start + i, "text": it["text"], "label": it["label"]} for i, it in enumerate(items)]
-        if encoders.text_model is not None:
-            for sample, emb in zip(samples, encoders.encode_texts([it["text"] for it in items])):
-                sample["text_embedding"] = emb
-        return samples
+def open_images(items: list[dict], start: int) -> list:
+    """PIL images of image items (a file `path` or encoded `bytes`); an unreadable one is a ConvertError."""
     images = []
     for it in items:
         try:
@@ -153,9 +126,19 @@ def chunk_samples(source: str, items: list[dict], start: int, encoders: Encoders
         except Exception as e:
             raise ConvertError(f"{it.get('path', f'row {start + len(images)}')}: not a readable image ({e})") from None
         images.append(img)
-    if encoders.vae is not None:
-        latents = encoders.encode_images(images)
-        return [{"id": start + i, "latent": lat, "caption": it["caption"], "label": -1}
+    return images
+
+
+def chunk_samples(source: str, items: list[dict], start: int, vae, resolution: int) -> list[dict]:
+    if source == "toy":
+        return [{"id": start + i, "latent": it["latent"], "caption": "", "label": it["label"]}
+                for i, it in enumerate(items)]
+    if source == "prompts" or (source == "parquet" and "text" in items[0]):
+        return [{"id": start + i, "text": it["text"], "label": it["label"]} for i, it in enumerate(items)]
+    images = open_images(items, start)
+    if vae is not None:
+        latents = encode_images(vae, images, resolution)
+        return [{"id": start + i, "latent": lat.half().numpy(), "caption": it["caption"], "label": -1}
                 for i, (it, lat) in enumerate(zip(items, latents))]
     return [{"id": start + i, "image": img.convert("RGB"), "caption": it["caption"]}
             for i, (it, img) in enumerate(zip(items, images))]
@@ -170,7 +153,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output folder for the MDS stream")
     parser.add_argument("--kind", choices=["prompts", "images"], default="images", help="parquet only")
     parser.add_argument("--vae", help="AutoencoderKL folder or hub id: encode images to real_latents")
-    parser.add_argument("--text-encoder", help="text encoder folder or hub id (with its tokenizer)")
     parser.add_argument("--resolution", type=int, default=1024, help="image side before VAE encoding")
     parser.add_argument("--chunk", type=int, default=256, help="inputs per part (unit of work and of resume)")
     parser.add_argument("--text-column", default="text")
@@ -203,14 +185,15 @@ def main(argv=None) -> int:
         return 2
     kind = "prompts" if prompts else ("real_latents" if args.vae or args.source == "toy" else "images")
     info = init_distributed()
-    encoders = Encoders(args.vae, args.text_encoder, args.resolution)
-    writer = PartsWriter(args.out, columns(kind, text_embeddings=bool(args.text_encoder)))
+    vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False) if args.vae else None
+    writer = PartsWriter(args.out, columns(kind))
     num_units = math.ceil(len(items) / args.chunk)
     todo = [u for u in units_of_rank(num_units, info.rank, info.world_size) if not writer.done(u)]
     try:
         for unit in tqdm(todo, desc=f"convert -> {kind}", unit="chunk", disable=not info.is_main, file=sys.stderr):
             start = unit * args.chunk
-            writer.write(unit, chunk_samples(args.source, items[start:start + args.chunk], start, encoders))
+            writer.write(unit, chunk_samples(args.source, items[start:start + args.chunk], start, vae,
+                                             args.resolution))
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

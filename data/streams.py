@@ -16,8 +16,10 @@ import json
 import os
 from typing import Optional
 
+import xxhash
+
 from data.parts import HASH
-from data.schemas import StreamSchemaError, check_columns, collate
+from data.schemas import EMBEDDING_PREFIX, StreamSchemaError, check_columns, collate
 from data.streaming_import import import_streaming
 
 
@@ -45,13 +47,19 @@ def read_index(root: str) -> dict:
 _VERIFIED: set[tuple[str, int, int]] = set()
 
 
-def _file_verified(path: str, expected: str, streaming) -> bool:
+HASH_READ_BYTES = 4 << 20   # hashed in 4 MB reads: a 64 MB shard read whole would add 64 MB to the rank's peak RSS
+
+
+def _file_verified(path: str, expected: str) -> bool:
     stat = os.stat(path)
     key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
     if key in _VERIFIED:
         return True
+    digest = xxhash.xxh64()   # HASH, incrementally (streaming's get_hash takes the whole file as one bytes object)
     with open(path, "rb") as f:
-        ok = streaming.base.hashing.get_hash(HASH, f.read()) == expected
+        for block in iter(lambda: f.read(HASH_READ_BYTES), b""):
+            digest.update(block)
+    ok = digest.hexdigest() == expected
     if ok:
         _VERIFIED.add(key)
     return ok
@@ -80,7 +88,6 @@ def verify_local_stream(root: str, kind: str, check_hashes: bool = True, read_ro
     The file checked is the one training will read: the raw shard where it is read from (`read_root`: the stream
     itself, or the cache a compressed stream is decompressed into) when it exists there, else the compressed shard.
     Hashing reads each file once per process (xxh64, several GB/s); check_hashes=False skips it (sizes only)."""
-    streaming = import_streaming()
     index = read_index(root)
     try:
         check_columns(kind, index, root)
@@ -100,13 +107,24 @@ def verify_local_stream(root: str, kind: str, check_hashes: bool = True, read_ro
             raise StreamError(f"{where} is corrupt: {path} is {os.path.getsize(path)} bytes, index.json says "
                               f"{info['bytes']} (hint: rewrite the stream, or delete the damaged file from a cache)")
         expected = info.get("hashes", {}).get(HASH)
-        if check_hashes and expected and not _file_verified(path, expected, streaming):
+        if check_hashes and expected and not _file_verified(path, expected):
             raise StreamError(f"{where} is corrupt: {path} does not match its {HASH} in index.json (hint: rewrite "
                               f"the stream, or delete the damaged file from a cache)")
         total += shard["samples"]
     if total == 0:
         raise StreamError(f"{root}: the stream is empty (0 samples)")
     return total
+
+
+def require_embeddings(root: str, names, hint: str) -> None:
+    """A local stream whose samples must carry `emb_<name>` for each of `names` (a latent family's conditioning
+    inputs): one line naming the stream and the first missing column otherwise."""
+    for shard in read_index(root).get("shards", []):
+        have = set(shard.get("column_names", []))
+        missing = [n for n in names if EMBEDDING_PREFIX + n not in have]
+        if missing:
+            raise StreamError(f"{root}: shard {shard['raw_data']['basename']} has no {EMBEDDING_PREFIX}{missing[0]} "
+                              f"column: its samples carry no text embeddings to condition on (hint: {hint})")
 
 
 class CollateTyped:

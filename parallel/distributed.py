@@ -74,6 +74,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def rank0_value(value):
+    """Rank 0's `value` on every rank (start-up decisions only: one small pickled broadcast)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -135,7 +135,9 @@ class CollectConfig(Section):
     micro-batches assigned to ranks round-robin, so the pairs do not depend on the number of ranks."""
     out: Optional[str] = Field(None, description="MDS output folder (default: <run.dir>/ode_pairs)")
     num_pairs: int = Field(1024, gt=0)
-    micro_batch: int = Field(64, gt=0)
+    micro_batch: int = Field(64, gt=0, description="pairs per teacher call (the unit of work and of resume)")
+    bf16: bool = Field(True, description="on CUDA: the teacher's weights in bf16 and its passes in bf16 autocast "
+                       "(outputs stored fp32); ignored on CPU")
     sampler_steps: int = Field(32, gt=0)
     guidance_scale: Optional[float] = Field(None, ge=0, description="default: distill.method.guidance_scale")
 

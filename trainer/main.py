@@ -13,10 +13,9 @@ import os
 import sys
 import time
 
-import torch.distributed as dist
 
 from data.streams import StreamError
-from parallel.distributed import init_distributed, shutdown
+from parallel.distributed import init_distributed, rank0_value, shutdown
 from parallel.runtime_env import apply_runtime_defaults
 from parallel.safe_dcp import UnsafeCheckpoint
 from trainer import provenance
@@ -75,15 +74,6 @@ def print_summary(run_dir: str, metrics: dict | None, seconds: float, log) -> No
     log("  " + json.dumps({k: v for k, v in s.items() if k not in ("fd", "precision", "recall")}))
 
 
-def agree_on(problem: str | None) -> str | None:
-    """Rank 0's answer on every rank (start-up only: one small broadcast)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return problem
-    box = [problem]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def main(argv=None) -> int:
     apply_runtime_defaults()
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -111,7 +101,7 @@ def main(argv=None) -> int:
             lock.acquire()
         except EnvironmentFault as e:
             lock, problem = None, str(e)
-    problem = agree_on(problem)
+    problem = rank0_value(problem)
     if problem:
         error(problem)
         shutdown()

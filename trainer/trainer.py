@@ -64,17 +64,29 @@ def loop_config(train, seed: int) -> LoopConfig:
                       keep_last=train.keep_last, bf16=train.bf16, sample_every=train.sample_every)
 
 
+def deal(fields, m: int, count: int):
+    """Micro-batch m of `count` of a batch's fields: positions m, m + count, ... of each tensor (a tuple of fields,
+    a dict of embeddings, or one tensor)."""
+    if isinstance(fields, tuple):
+        return tuple(deal(f, m, count) for f in fields)
+    if isinstance(fields, dict):
+        return {k: v[m::count] for k, v in fields.items()}
+    return fields[m::count]
+
+
 class StageTrainer:
     def __init__(self, *, stage_dir: str, stage_name: str, method: Method, nets: Nets, backend, denoiser, family,
                  loop: LoopConfig, dist_info, student_timesteps: list[float],
                  conditioning_timestep: Optional[float] = None, data_source=None, guards_cfg=None,
-                 generator_denoiser=None, provenance: Optional[dict] = None):
+                 generator_denoiser=None, provenance: Optional[dict] = None, prompt_source=None):
+        """prompt_source: the prompt stream of a latent family with encoded prompts (`batch(indices)` ->
+        embeddings {input: [B, ...]}, checkpointed with the data position); None: prompt ids by sample index."""
         self.stage_dir, self.stage_name = stage_dir, stage_name
         self.method, self.nets, self.backend = method, nets, backend
         self.denoiser, self.family, self.loop, self.dist = denoiser, family, loop, dist_info
         self.generator_denoiser = generator_denoiser or denoiser   # the student's parameterisation (docs/algorithms.md §10.7)
         self.student_timesteps, self.conditioning_timestep = student_timesteps, conditioning_timestep
-        self.data_source = data_source
+        self.data_source, self.prompt_source = data_source, prompt_source
         self.provenance = provenance or {}   # this attempt's record (trainer/provenance.py), in every checkpoint
         self.after_phase = None              # optional hook(step, phase, loss_out): tests record each phase here
         if guards_cfg is None:
@@ -99,7 +111,8 @@ class StageTrainer:
         """Counters and the data position (JSON): a stream's global position survives a change of world size;
         the bundled toy data needs none (it is a pure function of samples_seen)."""
         data = self.data_source.state_dict() if hasattr(self.data_source, "state_dict") else {}
-        return {"step": self.step, "samples_seen": self.samples_seen, "data": data,
+        prompts = self.prompt_source.state_dict() if self.prompt_source is not None else {}
+        return {"step": self.step, "samples_seen": self.samples_seen, "data": data, "prompts": prompts,
                 "world_size": self.dist.world_size, "device_hours": self.device_hours, "provenance": self.provenance}
 
     def load_extra_state(self, extra: dict) -> None:
@@ -107,6 +120,8 @@ class StageTrainer:
         self.device_hours = extra.get("device_hours", 0.0)
         if extra.get("data") and hasattr(self.data_source, "load_state_dict"):
             self.data_source.load_state_dict(extra["data"])
+        if extra.get("prompts") and self.prompt_source is not None:
+            self.prompt_source.load_state_dict(extra["prompts"])
 
     def resume(self) -> bool:
         path = self.checkpointer.newest_verified()   # collective: the ranks share the hashing
@@ -121,38 +136,52 @@ class StageTrainer:
         self.saved_step = self.step
 
     # --- one step --------------------------------------------------------------------------------------------
-    def make_context(self, step: int, indices: Optional[range] = None, real=None) -> StepContext:
+    def generator_prompts(self, indices):
+        """The prompts of the generator's samples `indices`: a batch of the prompt stream's embeddings when the run
+        has one (it owns the position: exactly once per epoch), else prompt ids / classes, a pure function of
+        (seed, sample index) (the toy's classes, the tiny twins' random table)."""
+        if self.prompt_source is not None:
+            return self.prompt_source.batch(indices)
+        return self.family.prompt_labels(indices, self.loop.seed)
+
+    def make_context(self, step: int, indices: Optional[range] = None, data=None, prompts=None) -> StepContext:
         """The context of this rank's samples `indices` (default: its whole local batch) at `step`.
-        real: (x, labels) of those samples, when the caller already drew them (micro-batches slice one draw)."""
+        data: the real or pair fields of those samples, prompts: their generator prompts, when the caller already
+        read them (micro-batches slice one read)."""
         loop, info = self.loop, self.dist
         if indices is None:
             indices = sample_indices(step, loop.batch_size, info.dp_rank, info.dp_size)
         rand = StepRandom(loop.seed, step, indices, info.device)
-        labels = self.family.prompt_labels(indices, loop.seed).to(info.device)
+        if self.method.needs_pairs:
+            # the pairs' prompts are the generator's: the student must see each noise with ITS prompt
+            noise, output, pair_prompts = data if data is not None else self.data_source.batch(indices)
+            cond = self.family.condition(pair_prompts, info.device)
+        else:
+            cond = self.family.condition(prompts if prompts is not None else self.generator_prompts(indices),
+                                         info.device)
         ctx = StepContext(nets=self.nets, denoiser=self.denoiser, rand=rand, step=step,
-                          data_shape=self.family.data_shape, cond=self.family.condition(labels),
+                          data_shape=self.family.data_shape, cond=cond,
                           uncond=self.family.null_condition(len(indices), info.device),
                           student_timesteps=self.student_timesteps, conditioning_timestep=self.conditioning_timestep,
                           generator_trains=self.method.generator_trains_at(step),
                           generator_denoiser=self.generator_denoiser)
         if self.method.needs_real_data:
-            real_x, real_y = real if real is not None else self.data_source.batch(indices)
+            # each real sample is conditioned on its own caption's embeddings (the toy: its class)
+            real_x, real_prompts = data if data is not None else self.data_source.batch(indices)
             ctx.real_x = real_x.to(info.device, torch.float32)
-            ctx.real_cond = self.family.condition(real_y.to(info.device))
+            ctx.real_cond = self.family.condition(real_prompts, info.device)
         if self.method.needs_pairs:
-            # the pairs' prompts replace the generated ones: the student must see each noise with ITS prompt
-            noise, output, pair_labels = real if real is not None else self.data_source.batch(indices)
             ctx.pair_noise = noise.to(info.device, torch.float32)
             ctx.pair_output = output.to(info.device, torch.float32)
-            ctx.cond = self.family.condition(pair_labels.to(info.device))
         return ctx
 
     def micro_contexts(self, step: int) -> list[StepContext]:
         """This rank's local batch dealt into micro-batches of `micro_batch_size` samples: local position i goes to
         micro-batch i % count, as sample_indices deals the global batch to ranks. So micro-batch m of rank r holds
         the samples that rank r + W*m of W*count ranks would hold, and every draw is keyed by the sample's global
-        index: accumulation changes only the arithmetic's grouping, never which noise meets which sample. The real
-        stream is read once per step (it owns the data position) and dealt the same way."""
+        index: accumulation changes only the arithmetic's grouping, never which noise meets which sample. The
+        streams (real data, pairs, prompts) are read once per step (they own the data position) and dealt the same
+        way."""
         loop, info = self.loop, self.dist
         indices = sample_indices(step, loop.batch_size, info.dp_rank, info.dp_size)
         size = loop.micro_batch_size or len(indices)
@@ -161,8 +190,11 @@ class StageTrainer:
         count = len(indices) // size
         needs_data = self.method.needs_real_data or self.method.needs_pairs
         data = self.data_source.batch(indices) if needs_data else None
-        return [self.make_context(step, indices[m::count],
-                                  None if data is None else tuple(field[m::count] for field in data))
+        prompts = None
+        if self.prompt_source is not None and not self.method.needs_pairs:
+            prompts = self.prompt_source.batch(indices)
+        return [self.make_context(step, indices[m::count], None if data is None else deal(data, m, count),
+                                  None if prompts is None else deal(prompts, m, count))
                 for m in range(count)]
 
     def phase_backward(self, phase, contexts: list[StepContext], poison: bool = False) -> LossOut:
@@ -242,7 +274,7 @@ class StageTrainer:
         Every rank runs the forward (sharded generators gather their weights); rank 0 renders and writes."""
         n, device = self.GRID_SAMPLES, self.dist.device
         rand = StepRandom(self.GRID_SEED, 0, range(n), device)
-        cond = self.family.condition(self.family.prompt_labels(range(n), self.GRID_SEED).to(device))
+        cond = self.family.condition(self.family.prompt_labels(range(n), self.GRID_SEED), device)   # rows by id
         with self.backend.compute_context():
             samples = student_sample(self.generator_denoiser, self.nets.generator, cond, self.student_timesteps,
                                      lambda i: rand.normal(f"grid_noise_{i}", self.family.data_shape),

@@ -15,6 +15,7 @@ from parallel.dims import ParallelDims, ParallelDimsError
 from parallel.sequence import check_heads
 from trainer.families import TEACHER_PREDICTION
 from trainer.families.configs import model_config
+from trainer.families.prompts import PROMPT_FILE_SUFFIXES, is_prompt_file
 from trainer.methods import METHODS
 from trainer.methods.adm import ADMConfig
 from trainer.methods.adp import ADPConfig
@@ -87,8 +88,10 @@ def check_recipe(recipe, path: str, provenance: dict | None = None) -> None:
         if family.uncond == "empty_prompt" and family.prompts is None:
             fail("family.uncond", "the empty prompt's embeddings come from the text encoders, which run only with a "
                  "prompt file", "set family.prompts, or family.uncond: zeros")
-        if family.prompts is not None and not os.path.isfile(family.prompts):
-            fail("family.prompts", f"file '{family.prompts}' not found", "a text file with one prompt per line")
+        if family.prompts is not None and not (is_prompt_file(family.prompts)
+                                               or os.path.isfile(os.path.join(family.prompts, "index.json"))):
+            fail("family.prompts", f"'{family.prompts}' is neither a prompt file nor an encoded prompt stream",
+                 f"a local {', '.join(PROMPT_FILE_SUFFIXES)} file, or a folder python -m trainer.prepare prompts wrote")
         if ("pretrain" in recipe.stages and isinstance(pm, ADPConfig) and pm.pixel_weight > 0
                 and family.model != "sdxl_tiny" and family.pixel_backbone_pretrained is None):
             fail("family.pixel_backbone_pretrained", "ADP's pixel discriminator needs a pretrained backbone (random "

@@ -82,7 +82,7 @@ CASES = {
                                    "family.prompts"),
     "missing prompt file": ("run: {dir: x}\nfamily: {name: sd3, prompts: /nonexistent/p.txt}\n"
                             "teacher: {pretrained: org/model}\nstages: [distill]\n", [], "family.prompts",
-                            "one prompt per line"),
+                            "neither a prompt file nor an encoded prompt stream"),
     "evaluate on a latent family": ("run: {dir: x}\nfamily: {name: sdxl}\nschedule: {prediction: eps}\n"
                                     "teacher: {pretrained: org/model}\nstages: [distill, evaluate]\n", [], "stages",
                                     "trainer.export"),

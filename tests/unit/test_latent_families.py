@@ -6,9 +6,11 @@ import os
 import pytest
 import torch
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, SINGLE
 from trainer.config import load_recipe
-from trainer.families import build_family, family_class
+from trainer.families import build_family
+from trainer.families.prompts import read_prompt_texts
+from trainer.stages import prepare_prompts
 from trainer.tiny_pipeline import save_tiny_pipeline
 
 TWINS = {"sd3_medium_tiny": "sd3_medium_tiny.yaml", "sd35_large_tiny": "sd35_large_tiny.yaml",
@@ -71,12 +73,12 @@ def test_denoiser_and_taps_match_the_stock_class(model, pipelines, tmp_path):
 @pytest.mark.parametrize("model", ["sd3_medium_tiny", "cogvideox_2b_tiny"])
 def test_prompt_embeddings_are_the_pipelines_own(model, pipelines, tmp_path):
     import diffusers
-    from trainer.families.prompts import encode_prompt_file, read_prompts
     prompts = os.path.join(ROOT, "recipes", "prompts", "tiny.txt")
-    recipe = twin(model, pipelines, tmp_path, f"family.prompts={prompts}", "family.uncond=empty_prompt")
-    encode_prompt_file(recipe, recipe.run.dir, lambda message: None, family_class(recipe.family.name))
+    recipe = twin(model, pipelines, tmp_path, f"family.prompts={prompts}", "family.uncond=empty_prompt",
+                  "family.prompt_dtype=float32")
+    prepare_prompts(recipe, recipe.run.dir, SINGLE, lambda message: None)
     family = build_family(recipe)
-    texts = read_prompts(prompts)
+    texts = read_prompt_texts(prompts)
     assert family.num_prompts == len(texts)
     labels = torch.tensor([5, 0])
     if recipe.family.name == "sd3":
@@ -104,26 +106,30 @@ def test_prompt_embeddings_are_the_pipelines_own(model, pipelines, tmp_path):
 
 
 def close(got, expected):
-    """Equal up to the batch size's effect on the encoders' matmuls (the table was encoded 32 prompts at a time)."""
+    """Equal up to the batch size's effect on the encoders' matmuls (the stream was encoded 64 prompts at a time)."""
     torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=0)
 
 
-def test_prompt_table_is_checked_against_its_file(pipelines, tmp_path):
-    from trainer.families.prompts import encode_prompt_file
+def test_prompt_stream_follows_its_file(pipelines, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
     recipe = twin("sd3_medium_tiny", pipelines, tmp_path, f"family.prompts={prompts}")
-    encode_prompt_file(recipe, recipe.run.dir, lambda message: None, family_class(recipe.family.name))
-    assert build_family(recipe).num_prompts == 2
-    prompts.write_text("a cat\na dog\na bird\n")   # edited after encoding: the stale table is refused
-    with pytest.raises(FileNotFoundError, match="no embeddings of"):
+    with pytest.raises(FileNotFoundError, match="no encoded prompts"):
         build_family(recipe)
-    encode_prompt_file(recipe, recipe.run.dir, lambda message: None, family_class(recipe.family.name))
-    assert build_family(recipe).num_prompts == 3
+    lines = []
+    prepare_prompts(recipe, recipe.run.dir, SINGLE, lines.append)
+    assert build_family(recipe).num_prompts == 2
+    prepare_prompts(recipe, recipe.run.dir, SINGLE, lines.append)
+    assert "encoded already" in lines[-1]
+    prompts.write_text("a cat\na dog\na bird\n")   # edited after encoding: encoded again, never mixed
+    prepare_prompts(recipe, recipe.run.dir, SINGLE, lines.append)
+    assert any("encoding again" in line for line in lines)
+    family = build_family(recipe)
+    assert family.num_prompts == 3 and family.prompts.texts([2, 0]) == ["a bird", "a cat"]
     wrong = twin("sd3_medium_tiny", pipelines, tmp_path, f"family.prompts={prompts}", "family.prompt_length=6",
                  f"run.dir={tmp_path / 'other'}")
     with pytest.raises(ValueError, match="prompt_length must equal"):
-        encode_prompt_file(wrong, wrong.run.dir, lambda message: None, family_class(wrong.family.name))
+        prepare_prompts(wrong, wrong.run.dir, SINGLE, lines.append)
 
 
 def test_cogvideox_shapes_and_bad_sizes(pipelines, tmp_path):

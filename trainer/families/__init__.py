@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from trainer.families.cogvideox import CogVideoXFamily
-from trainer.families.prompts import load_prompt_table
+from trainer.families.prompts import is_prompt_file
 from trainer.families.sd3 import SD3Family
 from trainer.families.sdxl import SDXLFamily
 from trainer.families.toy import ToyFamily
@@ -26,9 +26,22 @@ def family_class(name: str):
     raise ValueError(f"unknown family '{name}'")
 
 
-def build_family(recipe, planning: bool = False):
+def prompt_stream_path(recipe, run_dir: str | None = None) -> str | None:
+    """The `prompts` stream of the recipe: family.prompts when it names a stream folder, <run.dir>/prompts when it
+    names a prompt file (encoded there by the stages, trainer/stages/__init__.py), None without prompts."""
+    prompts = getattr(recipe.family, "prompts", None)
+    if prompts is None:
+        return None
+    if is_prompt_file(prompts):
+        return os.path.join(run_dir or recipe.run.dir, "prompts")
+    return prompts
+
+
+def build_family(recipe, planning: bool = False, run_dir: str | None = None, read_prompts: bool = True):
     """planning: the memory planner's use; a pretrained teacher that is not a local folder (a hub id that is not
-    cached here) is described by the family's checked-in config instead of being resolved."""
+    cached here) is described by the family's checked-in config instead of being resolved, and the prompts are not
+    read. run_dir: where a prompt file's stream was encoded (default: run.dir). read_prompts=False: the random table
+    stands in for the prompts (the encoding itself needs only the family's embedding shapes)."""
     if recipe.family.name == "toy":
         return ToyFamily(recipe.family)
     pretrained = recipe.teacher.pretrained
@@ -36,7 +49,8 @@ def build_family(recipe, planning: bool = False):
         pretrained = None
     if pretrained and pretrained.endswith(".safetensors"):
         pretrained = None
-    prompt_table = None
-    if recipe.family.prompts is not None and not planning:
-        prompt_table = load_prompt_table(recipe)
-    return family_class(recipe.family.name)(recipe.family, pretrained, prompt_table)
+    stream = None if planning or not read_prompts else prompt_stream_path(recipe, run_dir)
+    if stream is not None and not os.path.isfile(os.path.join(stream, "index.json")):
+        raise FileNotFoundError(f"{stream}: no encoded prompts (hint: run python -m trainer.main on the recipe, whose "
+                                f"first step encodes family.prompts, or python -m trainer.prepare prompts)")
+    return family_class(recipe.family.name)(recipe.family, pretrained, stream)

@@ -1,12 +1,12 @@
 """What the latent-diffusion families (SDXL, SD3, CogVideoX) share: a diffusers denoiser built from a checked-in config
-or a pretrained folder / hub id, prompts as rows of a conditioning table, the null branch, discriminator heads on the
+or a pretrained folder / hub id, conditioning from text embeddings, the null branch, discriminator heads on the
 family's taps, FSDP units, and the latent preview for tensorboard.
 
-Prompts. A generator sample's prompt is an id (a pure function of the seed and the sample index, as the toy's
-classes), and its conditioning is that row of a table of text-encoder outputs: one tensor per conditioning input of
-the denoiser (`embedding_shapes()`). The table is either the prompt file's embeddings, encoded once by the teacher
-pipeline's own `encode_prompt` (trainer/families/prompts.py: the precomputed-embeddings path), or, without a prompt
-file, unit-variance random rows from `family.prompt_seed` (tiny twins, benchmarks, planning).
+Prompts. A sample's conditioning is its text-encoder outputs, one tensor per conditioning input of the denoiser
+(`embedding_shapes()`). `condition(prompts)` takes them either as embeddings {input: [B, ...]} (a batch of the
+prompt stream, or those stored beside a real latent or an ODE pair: what training uses) or as prompt ids [B], rows
+of `self.prompts` (trainer/families/prompts.py: the encoded prompt stream read by row, or without a prompt file a
+small random table from `family.prompt_seed`; sampling, grids, collection).
 
 Each family subclass names: `denoiser_class` (a subclass of the diffusers class whose forward takes
 `(sample, timestep, **condition, taps_only=False)`), `subfolder`, `embedding_shapes()`, `assemble()` (flat embeddings
@@ -22,6 +22,7 @@ import torch
 from data.toy import class_labels_for
 from parallel.loading import StateSource, resolve_model_dir
 from trainer.families.configs import load_config
+from trainer.families.prompts import RandomPromptTable, StreamPromptTable
 from trainer.heads import FeatureHeads, HybridHeads
 
 
@@ -38,7 +39,8 @@ class LatentFamily(ABC):
     subfolder: str           # the denoiser's folder inside a diffusers pipeline
     conditional = True
 
-    def __init__(self, cfg, pretrained: str | None = None, prompt_table: dict | None = None):
+    def __init__(self, cfg, pretrained: str | None = None, prompt_stream: str | None = None):
+        """prompt_stream: the local `prompts` stream folder (encoded prompts); None: the random table."""
         self.cfg, self.pretrained = cfg, pretrained
         if pretrained:
             config = dict(self.denoiser_class.load_config(resolve_model_dir(pretrained, self.subfolder)))
@@ -46,12 +48,18 @@ class LatentFamily(ABC):
             config = load_config(cfg.model)
         self.config = {k: v for k, v in config.items() if not k.startswith("_")}
         self.setup()
-        table = dict(prompt_table) if prompt_table is not None else self.random_prompt_table()
-        empty = {name[len("empty."):]: table.pop(name) for name in list(table) if name.startswith("empty.")}
+        self.prompt_stream = prompt_stream
+        if prompt_stream is not None:
+            self.prompts = StreamPromptTable(prompt_stream, self.embedding_shapes())
+        else:
+            self.prompts = RandomPromptTable(self.embedding_shapes(), cfg.num_prompts, cfg.prompt_seed)
         # the null branch: the encoded empty prompt with `uncond: empty_prompt`, else zeros (null_embeddings)
-        self.empty_prompt = empty if getattr(cfg, "uncond", "zeros") == "empty_prompt" else None
-        self.prompt_table = table
-        self.num_prompts = len(next(iter(table.values())))
+        self.empty_prompt = self.prompts.empty if getattr(cfg, "uncond", "zeros") == "empty_prompt" else None
+        self._device_empty = {}   # device -> the empty prompt's rows there: moved once, not per step
+
+    @property
+    def num_prompts(self) -> int:
+        return self.prompts.num_prompts
 
     # --- per family ------------------------------------------------------------------------------------------
     @abstractmethod
@@ -108,35 +116,45 @@ class LatentFamily(ABC):
         return {"generator": call, "fake_score": call, "heads": (features,)}
 
     # --- conditioning ---------------------------------------------------------------------------------------
-    def random_prompt_table(self) -> dict[str, torch.Tensor]:
-        """[P, ...] unit-variance rows per conditioning input, a pure function of `family.prompt_seed`."""
-        generator = torch.Generator().manual_seed(self.cfg.prompt_seed)
-        return {name: torch.randn(self.cfg.num_prompts, *shape, generator=generator)
-                for name, shape in self.embedding_shapes().items()}
-
-    def embeddings(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        device = labels.device
-        return {name: table.to(device)[labels] for name, table in self.prompt_table.items()}
+    def embeddings(self, prompts, device=None) -> dict[str, torch.Tensor]:
+        """{input: [B, ...]} float32 on `device` (default: where `prompts` are) of prompt ids [B] (rows of
+        self.prompts, read on the host: only those rows) or of embeddings {input: [B, ...]} (any float dtype)."""
+        if isinstance(prompts, dict):
+            device = device or next(iter(prompts.values())).device
+        else:
+            device = device or prompts.device
+            prompts = self.prompts.rows(prompts.cpu())
+        return {name: value.to(device=device, dtype=torch.float32) for name, value in prompts.items()}
 
     def null_embeddings(self, batch: int, device) -> dict[str, torch.Tensor]:
-        """The unconditional branch: the empty prompt's embeddings when the prompt table has them (`uncond:
+        """The unconditional branch: the empty prompt's embeddings when the prompt stream has them (`uncond:
         empty_prompt`), else zeros as DMD2."""
         if self.empty_prompt is not None:
-            return {name: row.to(device).expand(batch, *row.shape) for name, row in self.empty_prompt.items()}
+            device = torch.device(device)
+            if device not in self._device_empty:
+                self._device_empty[device] = {name: row.to(device) for name, row in self.empty_prompt.items()}
+            return {name: row.expand(batch, *row.shape) for name, row in self._device_empty[device].items()}
         return {name: torch.zeros(batch, *shape, device=device) for name, shape in self.embedding_shapes().items()}
 
-    def condition(self, labels: torch.Tensor) -> dict:
-        return self.assemble(self.embeddings(labels), len(labels), labels.device)
+    @staticmethod
+    def batch_size(prompts) -> int:
+        return len(next(iter(prompts.values()))) if isinstance(prompts, dict) else len(prompts)
+
+    def condition(self, prompts, device=None) -> dict:
+        """The denoiser's keyword arguments for prompt ids [B] or embeddings {input: [B, ...]} (see `embeddings`)."""
+        flat = self.embeddings(prompts, device)
+        return self.assemble(flat, self.batch_size(prompts), next(iter(flat.values())).device)
 
     def null_condition(self, batch: int, device) -> dict:
         return self.assemble(self.null_embeddings(batch, device), batch, device)
 
-    def drop_condition(self, labels: torch.Tensor, drop: torch.Tensor) -> dict:
+    def drop_condition(self, prompts, drop: torch.Tensor) -> dict:
         """CFG training: the null branch's embeddings where `drop` [B] is True."""
-        cond, null = self.embeddings(labels), self.null_embeddings(len(labels), labels.device)
+        cond = self.embeddings(prompts, drop.device)
+        null = self.null_embeddings(len(drop), drop.device)
         keep = ~drop
         mixed = {name: torch.where(keep.reshape(-1, *[1] * (c.dim() - 1)), c, null[name]) for name, c in cond.items()}
-        return self.assemble(mixed, len(labels), labels.device)
+        return self.assemble(mixed, len(drop), drop.device)
 
     def prompt_labels(self, indices, seed: int) -> torch.Tensor:
         """The prompt id of each generator sample: a pure function of (seed, sample index)."""

@@ -1,120 +1,283 @@
-"""The precomputed-embeddings path: a prompt file (one prompt per line) encoded ONCE by the teacher pipeline's own
-text encoders and `encode_prompt` (so the embeddings are exactly what the stock pipeline feeds its denoiser), written
-to `<run.dir>/prompts/embeddings.safetensors`, then held by the family as its prompt table.
+"""Prompts of the latent families (SDXL, SD3, CogVideoX): encoded once by the teacher pipeline's own text encoders and
+`encode_prompt` into a `prompts` MDS stream, then read from it, never held whole in memory (docs/data.md "Prompt
+embeddings").
 
 Why precompute: SD3's T5-XXL (4.7 B parameters) and CogVideoX's T5 would otherwise sit beside the teacher, the fake
-score and the student on every GPU; encoding once costs one pass per prompt and no memory during training. The table
-is held in host memory, [P, L, D] per input (SD3 at bf16-free fp32: 5.5 MB per prompt; 10 k prompts, 55 GB): prompt
-sets of that size want a stream of embeddings instead, which this path does not do yet.
+score and the student on every GPU; encoding once costs one pass per prompt. Why a stream: one prompt's embeddings
+are 315 KB (SDXL, fp16) to 2.6 MB (SD3 at 333 tokens); a million prompts do not fit in a rank's host memory, let
+alone once per rank. Training reads each step's rows from the stream like any other batch (exactly once per epoch,
+resumable on any world size); sampling and tensorboard grids read a few rows by id (`StreamPromptTable`).
 
-Layout of the file: one tensor per conditioning input, [P, ...] (the family's `embedding_shapes()`), the empty
-prompt's row under `empty.<name>` (the `uncond: empty_prompt` null branch), and `prompts_sha256` in the metadata,
-checked on load so that an edited prompt file is re-encoded, never silently mixed.
+The stream (kind `prompts`, uncompressed so it is read in place and by row): per prompt `id` (its position in the
+prompt file), `text`, `label` (-1), and `emb_<input>` per conditioning input of the denoiser (the family's
+`embedding_shapes()`), float16 by default (MDS has no bfloat16; fp16 keeps CLIP's and T5's outputs, which are
+layer-normed, to ~1e-3 relative) or float32. Beside index.json: `empty_prompt.safetensors` (the empty prompt's
+embeddings, fp32: the `uncond: empty_prompt` null branch) and `source.json` (the prompt file's sha256 and the
+encoding settings: a stream encoded from another file or with other settings is re-encoded, never mixed).
+
+Without `family.prompts` the family conditions on a small table of unit-variance random rows (`RandomPromptTable`:
+tiny twins, benchmarks, the planner), at most `family.num_prompts` <= 4096 rows.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
+import shutil
+import sys
 
 import diffusers
+import numpy as np
+import pyarrow.parquet as pq
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-EMBEDDINGS = os.path.join("prompts", "embeddings.safetensors")
-CHUNK = 32   # prompts per encode_prompt call
+from data.parts import PartsWriter, units_of_rank
+from data.schemas import EMBEDDING_PREFIX, columns, embedding_columns
+from data.streaming_import import import_streaming
+from data.streams import StreamError, read_index
+from parallel.distributed import barrier
+
+EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
+SOURCE_FILE = "source.json"
+PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+PROMPTS_PER_PART = 1024   # the unit of work and of resume
 
 
-def read_prompts(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise ValueError(f"{path}: no prompts (one per line)")
-    return prompts
+class PromptFileError(ValueError):
+    """A prompt file that cannot be read; the message names the file, the line or column, and a hint."""
 
 
-def prompts_digest(path: str) -> str:
+def is_prompt_file(path: str) -> bool:
+    return os.path.isfile(path) and path.lower().endswith(PROMPT_FILE_SUFFIXES)
+
+
+def read_prompt_texts(path: str, column: str = "text") -> list[str]:
+    """The prompts of a text file (one per non-empty line), a jsonl file (`column`, else "prompt", per object) or a
+    parquet file (`column`). Held as a list of strings by the encoding command only (~100 B a prompt)."""
+    if path.lower().endswith(".parquet"):
+        names = pq.read_schema(path).names
+        if column not in names:
+            raise PromptFileError(f"{path}: column '{column}' not found (has {names}) (hint: pass the caption "
+                                  f"column's name, --column / family.prompt_column)")
+        texts = [t if t is not None else "" for t in pq.read_table(path, columns=[column]).column(column).to_pylist()]
+    elif path.lower().endswith(".jsonl"):
+        texts = []
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PromptFileError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+                text = obj.get(column, obj.get("prompt")) if isinstance(obj, dict) else None
+                if not isinstance(text, str):
+                    raise PromptFileError(f"{path}:{line_no}: no string '{column}' field (hint: --column / "
+                                          f"family.prompt_column names it)")
+                texts.append(text)
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts = [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise PromptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not texts:
+        raise PromptFileError(f"{path}: no prompts")
+    return texts
+
+
+def file_digest(path: str) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def load_text_pipeline(recipe):
-    """The teacher's diffusers pipeline with its text encoders and tokenizers only (no denoiser, no VAE)."""
+# --- encoding ----------------------------------------------------------------------------------------------------
+# names, looked up on use: touching a pipeline class imports its transformers models (seconds, and warnings on
+# every command that never encodes)
+PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "cogvideox": "CogVideoXPipeline"}
+
+
+def load_text_pipeline(recipe, device, dtype=torch.float32):
+    """The teacher's diffusers pipeline (folder or hub id) with its text encoders and tokenizers only, on `device`."""
     name = recipe.family.name
-    cls = {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline,
-           "cogvideox": diffusers.CogVideoXPipeline}[name]
     skip = {"unet": None} if name == "sdxl" else {"transformer": None}
-    return cls.from_pretrained(recipe.teacher.pretrained, vae=None, **skip)
+    pipeline = getattr(diffusers, PIPELINES[name]).from_pretrained(recipe.teacher.pretrained, vae=None, dtype=dtype, **skip)
+    return pipeline.to(device)
 
 
-def encode(pipeline, family, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Prompts -> {name: [N, ...]} in the family's embedding layout, through the pipeline's `encode_prompt`."""
+@torch.no_grad()
+def encode(pipeline, family, texts: list[str], device) -> dict[str, torch.Tensor]:
+    """Prompts -> {input: [N, ...]} in the family's embedding layout, through the pipeline's own `encode_prompt`."""
     name = family.cfg.name
-    with torch.no_grad():
-        if name == "sdxl":
-            tokens, _, pooled, _ = pipeline.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
-                                                          do_classifier_free_guidance=False)
-            return {"encoder_hidden_states": tokens, "text_embeds": pooled}
-        if name == "sd3":
-            t5_tokens = family.cfg.prompt_length - pipeline.tokenizer_max_length
-            if t5_tokens <= 0:
-                raise ValueError(f"family.prompt_length {family.cfg.prompt_length}: SD3's prompts are "
-                                 f"{pipeline.tokenizer_max_length} CLIP tokens then the T5 tokens (hint: prompt_length "
-                                 f"must equal the encoded token count, {pipeline.tokenizer_max_length} + T5's)")
-            tokens, _, pooled, _ = pipeline.encode_prompt(prompts, None, None, device="cpu", num_images_per_prompt=1,
-                                                          do_classifier_free_guidance=False,
-                                                          max_sequence_length=t5_tokens)
-            return {"encoder_hidden_states": tokens, "pooled_projections": pooled}
-        tokens, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False,
-                                           max_sequence_length=family.prompt_length, device="cpu")
-        return {"encoder_hidden_states": tokens}
+    if name == "sdxl":
+        tokens, _, pooled, _ = pipeline.encode_prompt(texts, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": tokens, "text_embeds": pooled}
+    if name == "sd3":
+        t5_tokens = family.cfg.prompt_length - pipeline.tokenizer_max_length
+        if t5_tokens <= 0:
+            raise PromptFileError(f"family.prompt_length {family.cfg.prompt_length}: SD3's prompts are "
+                                  f"{pipeline.tokenizer_max_length} CLIP tokens then the T5 tokens (hint: "
+                                  f"prompt_length must equal the encoded token count, {pipeline.tokenizer_max_length} "
+                                  f"+ T5's)")
+        tokens, _, pooled, _ = pipeline.encode_prompt(texts, None, None, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False,
+                                                      max_sequence_length=t5_tokens)
+        return {"encoder_hidden_states": tokens, "pooled_projections": pooled}
+    tokens, _ = pipeline.encode_prompt(texts, do_classifier_free_guidance=False,
+                                       max_sequence_length=family.prompt_length, device=device)
+    return {"encoder_hidden_states": tokens}
 
 
-def encode_prompt_file(recipe, run_dir: str, log, family_class) -> str:
-    """Write <run_dir>/prompts/embeddings.safetensors for recipe.family.prompts unless it is there for the same file.
-    Rank 0 only (the caller's barrier makes the others wait). Returns the path. family_class: the recipe's family
-    (trainer/families/__init__.py `family_class`)."""
-    path = os.path.join(run_dir, EMBEDDINGS)
-    digest = prompts_digest(recipe.family.prompts)
-    if os.path.isfile(path) and stored_digest(path) == digest:
-        log(f"[prompts] encoded already: {path}")
-        return path
-    prompts = read_prompts(recipe.family.prompts)
-    # the family for its embedding layout only: a placeholder table (one row per prompt) skips the random one
-    family = family_class(recipe.family, recipe.teacher.pretrained,
-                                              prompt_table={"placeholder": torch.empty(len(prompts), 0)})
-    pipeline = load_text_pipeline(recipe)
-    chunks = []
-    for start in tqdm(range(0, len(prompts), CHUNK), desc="[prompts] encoding", unit="chunk"):
-        chunks.append(encode(pipeline, family, prompts[start:start + CHUNK]))
-    table = {name: torch.cat([c[name] for c in chunks]).float().contiguous() for name in chunks[0]}
-    empty = encode(pipeline, family, [""])
+def check_shapes(family, encoded: dict[str, torch.Tensor], where: str) -> None:
     for name, shape in family.embedding_shapes().items():
-        got = tuple(table[name].shape[1:])
+        got = tuple(encoded[name].shape[1:])
         if got != tuple(shape):
-            raise ValueError(f"family.prompts: the text encoders give {name} of shape {got}, the denoiser takes "
-                             f"{tuple(shape)} (hint: family.prompt_length must equal the encoded token count)")
-        table[f"empty.{name}"] = empty[name][0].float().contiguous()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(table, tmp, metadata={"prompts_sha256": digest, "num_prompts": str(len(prompts))})
-    os.replace(tmp, path)
-    log(f"[prompts] encoded {len(prompts)} prompts with the teacher's text encoders -> {path}")
-    return path
+            raise PromptFileError(f"{where}: the text encoders give {name} of shape {got}, the denoiser takes "
+                                  f"{tuple(shape)} (hint: family.prompt_length must equal the encoded token count)")
 
 
-def stored_digest(path: str) -> str | None:
-    with safe_open(path, "pt") as f:
-        return (f.metadata() or {}).get("prompts_sha256")
+class TextEncoder:
+    """The family's text encoders on this rank's device: bf16 on CUDA (fp32 on CPU, where bf16 matmuls are slow),
+    `batch` prompts per call."""
+
+    def __init__(self, recipe, family, device, batch: int = 64):
+        self.family, self.device, self.batch = family, torch.device(device), batch
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.pipeline = load_text_pipeline(recipe, self.device, self.dtype)
+        # truncating a long caption to the encoders' tokens is what the stock pipelines do too; their warning per
+        # call (with the cut text) would drown the progress bar over a million prompts
+        diffusers.utils.logging.set_verbosity_error()
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """{input: [N, ...]} float32 on the host."""
+        parts = [encode(self.pipeline, self.family, texts[i:i + self.batch], self.device)
+                 for i in range(0, len(texts), self.batch)]
+        return {name: torch.cat([p[name] for p in parts]).float().cpu() for name in parts[0]}
 
 
-def load_prompt_table(recipe) -> dict:
-    """{name: [P, ...]} of the encoded prompt file, plus `empty.<name>` rows; a missing or stale file is an error
-    naming the command that writes it."""
-    path = os.path.join(recipe.run.dir, EMBEDDINGS)
-    if not os.path.isfile(path) or stored_digest(path) != prompts_digest(recipe.family.prompts):
-        raise FileNotFoundError(f"{path}: no embeddings of {recipe.family.prompts} (hint: run python -m trainer.main "
-                                f"on the recipe; its first step encodes the prompt file)")
-    return load_file(path)
+def embedding_fields(embeddings: dict[str, torch.Tensor], k: int, dtype: str) -> dict[str, np.ndarray]:
+    """Sample k's `emb_<input>` columns in the stored dtype."""
+    return {EMBEDDING_PREFIX + name: value[k].numpy().astype(dtype) for name, value in embeddings.items()}
+
+
+def encode_prompt_stream(recipe, family, source: str, out: str, dist_info, column: str = "text",
+                         dtype: str = "float16", batch: int = 64, log=print, progress: bool = True) -> str:
+    """Encode the prompt file `source` into the `prompts` stream `out`. Collective: each rank encodes its parts
+    (PROMPTS_PER_PART prompts, round-robin) on its device; a rerun writes only the missing parts (a part's content
+    depends only on its number, so any number of ranks writes the same stream); rank 0 merges. Returns a summary."""
+    settings = {"sha256": file_digest(source), "column": column, "dtype": dtype, "family": recipe.family.name,
+                "embedding_shapes": {k: list(v) for k, v in family.embedding_shapes().items()}}
+    if dist_info.is_main:
+        prepare_output(out, settings, log)
+    barrier()
+    texts = read_prompt_texts(source, column)
+    writer = PartsWriter(out, columns("prompts", embedding_columns(family.embedding_shapes(), dtype)),
+                         compression=None)
+    num_units = math.ceil(len(texts) / PROMPTS_PER_PART)
+    todo = [u for u in units_of_rank(num_units, dist_info.rank, dist_info.world_size) if not writer.done(u)]
+    if todo or (dist_info.is_main and not os.path.isfile(os.path.join(out, EMPTY_PROMPT_FILE))):
+        encoder = TextEncoder(recipe, family, dist_info.device, batch)
+        if dist_info.is_main:
+            empty = encoder([""])
+            check_shapes(family, empty, source)
+            save_file({name: value[0].contiguous() for name, value in empty.items()},
+                      os.path.join(out, EMPTY_PROMPT_FILE))
+        bar = tqdm(todo, desc=f"[prompts] encoding {len(texts)} prompts", unit="part", file=sys.stderr,
+                   disable=not (progress and dist_info.is_main), mininterval=0 if sys.stderr.isatty() else 30)
+        for unit in bar:
+            start = unit * PROMPTS_PER_PART
+            chunk = texts[start:start + PROMPTS_PER_PART]
+            embeddings = encoder(chunk)
+            check_shapes(family, embeddings, source)
+            writer.write(unit, ({"id": start + k, "text": text, "label": -1, **embedding_fields(embeddings, k, dtype)}
+                                for k, text in enumerate(chunk)))
+    barrier()
+    summary = writer.merge(num_units) if dist_info.is_main else ""
+    barrier()
+    return summary
+
+
+def prepare_output(out: str, settings: dict, log) -> None:
+    """Rank 0: a stream in `out` encoded from another file or with other settings is removed (with a line); the
+    settings are recorded before any part is written."""
+    path = os.path.join(out, SOURCE_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            if json.load(f) == settings:
+                return
+        log(f"[prompts] {out}: encoded from another prompt file or with other settings: encoding again")
+        shutil.rmtree(out)
+    elif os.path.isdir(out) and os.listdir(out):
+        raise PromptFileError(f"{out}: exists and is not a prompt stream this command wrote (no {SOURCE_FILE}) "
+                              f"(hint: choose another --out; nothing was changed)")
+    os.makedirs(out, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(settings, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def stream_encoded_from(out: str, source: str) -> bool:
+    """Whether `out` is a complete prompt stream encoded from the file `source` as it is now."""
+    path = os.path.join(out, SOURCE_FILE)
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(out, "index.json"))):
+        return False
+    with open(path) as f:
+        return json.load(f).get("sha256") == file_digest(source)
+
+
+# --- reading -----------------------------------------------------------------------------------------------------
+class RandomPromptTable:
+    """`num_prompts` unit-variance rows per conditioning input, a pure function of `seed` (tiny twins, benchmarks,
+    the planner: no text, no encoders). Made on first use."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], num_prompts: int, seed: int):
+        self.shapes, self.num_prompts, self.seed = shapes, num_prompts, seed
+        self.empty = None
+        self._rows = None
+
+    def rows(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{input: [N, ...]} float32 on the host for prompt ids [N]."""
+        if self._rows is None:
+            generator = torch.Generator().manual_seed(self.seed)
+            self._rows = {name: torch.randn(self.num_prompts, *shape, generator=generator)
+                          for name, shape in self.shapes.items()}
+        return {name: table[ids] for name, table in self._rows.items()}
+
+    def texts(self, ids) -> list[str]:
+        return [f"random prompt {int(i)}" for i in ids]
+
+
+class StreamPromptTable:
+    """Rows of a local `prompts` stream by id (sampling, tensorboard grids, ODE-pair collection): only the asked
+    rows are read. Training reads the same stream per batch instead (trainer/stages/training.py)."""
+
+    def __init__(self, root: str, shapes: dict[str, tuple[int, ...]]):
+        self.root, self.shapes = root, shapes
+        self.num_prompts = sum(shard["samples"] for shard in read_index(root).get("shards", []))
+        self._dataset = None
+        empty = os.path.join(root, EMPTY_PROMPT_FILE)
+        self.empty = load_file(empty) if os.path.isfile(empty) else None
+
+    def _sample(self, i: int) -> dict:
+        if self._dataset is None:
+            self._dataset = import_streaming().base.local.LocalDataset(self.root)
+        return self._dataset[int(i)]
+
+    def rows(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        samples = [self._sample(i) for i in ids.tolist()]
+        missing = [n for n in self.shapes if EMBEDDING_PREFIX + n not in samples[0]]
+        if missing:
+            raise StreamError(f"{self.root}: no {EMBEDDING_PREFIX}{missing[0]} column (hint: encode the prompts "
+                              f"with python -m trainer.prepare prompts)")
+        return {name: torch.from_numpy(np.stack([s[EMBEDDING_PREFIX + name] for s in samples])).float()
+                for name in self.shapes}
+
+    def texts(self, ids) -> list[str]:
+        return [self._sample(i)["text"] for i in ids]

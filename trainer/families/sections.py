@@ -19,10 +19,16 @@ class ToyFamilyConfig(Section):
 
 class LatentFamilyConfig(Section):
     """What the latent families share (trainer/families/latent.py): prompts, the null branch, the heads."""
-    prompts: Optional[str] = Field(None, description="a text file with one prompt per line: encoded once by the teacher "
-                                   "pipeline's text encoders into <run.dir>/prompts/ (the precomputed-embeddings "
-                                   "path); default: a random embedding table (tiny twins, benchmarks)")
-    num_prompts: int = Field(64, gt=0, description="rows of the random embedding table (without `prompts`)")
+    prompts: Optional[str] = Field(None, description="a prompt file (.txt one per line, .jsonl, .parquet: column "
+                                   "`prompt_column`), encoded by the teacher pipeline's text encoders into the stream "
+                                   "<run.dir>/prompts/ before the first stage, or a prompt stream made beforehand by "
+                                   "python -m trainer.prepare prompts (docs/data.md); default: a random embedding "
+                                   "table (tiny twins, benchmarks)")
+    prompt_column: str = Field("text", min_length=1, description="the prompts' column of a .jsonl / .parquet prompt file")
+    prompt_dtype: Literal["float16", "float32"] = Field("float16", description="how the encoded prompt stream stores "
+                                                        "the embeddings")
+    num_prompts: int = Field(64, gt=0, le=4096, description="rows of the random embedding table without `prompts` "
+                             "(held in memory: tiny twins and benchmarks only; real prompt sets are streamed)")
     prompt_seed: int = 0
     uncond: Literal["zeros", "empty_prompt"] = Field("zeros", description="the unconditional branch of CFG: zero "
                                                      "embeddings (DMD2) or the encoded empty prompt (needs prompts)")

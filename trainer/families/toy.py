@@ -150,8 +150,11 @@ class ToyFamily:
     def conditional(self) -> bool:
         return self.dataset.num_classes > 0
 
-    def condition(self, labels: torch.Tensor) -> dict:
-        return {"class_labels": labels} if self.conditional else {}
+    def condition(self, labels: torch.Tensor, device=None) -> dict:
+        """labels [B]: class ids (moved to `device` when given)."""
+        if not self.conditional:
+            return {}
+        return {"class_labels": labels if device is None else labels.to(device)}
 
     def null_condition(self, batch: int, device) -> dict:
         if not self.conditional:

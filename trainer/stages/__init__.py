@@ -7,9 +7,9 @@ unfinished stage resumes from its last complete checkpoint. So rerunning the sam
 """
 from __future__ import annotations
 
-from parallel.distributed import barrier
-from trainer.families import family_class
-from trainer.families.prompts import encode_prompt_file
+from parallel.distributed import rank0_value
+from trainer.families import build_family, prompt_stream_path
+from trainer.families.prompts import encode_prompt_stream, is_prompt_file, stream_encoded_from
 from trainer.stages.collect import run_collect_stage
 from trainer.stages.evaluate import run_evaluate_stage
 from trainer.stages.teacher import run_teacher_stage
@@ -17,12 +17,19 @@ from trainer.stages.training import check_streams, run_training_stage
 
 
 def prepare_prompts(recipe, run_dir: str, dist_info, log) -> None:
-    """Encode family.prompts with the teacher's text encoders once, before any stage (rank 0; the rest wait)."""
-    if getattr(recipe.family, "prompts", None) is None:
+    """A prompt file in family.prompts is encoded with the teacher's text encoders into <run_dir>/prompts before
+    any stage, by every rank on its device (trainer/families/prompts.py); a rerun reuses or resumes it."""
+    source = getattr(recipe.family, "prompts", None)
+    if source is None or not is_prompt_file(source):
         return
-    if dist_info.is_main:
-        encode_prompt_file(recipe, run_dir, log, family_class(recipe.family.name))
-    barrier()
+    out = prompt_stream_path(recipe, run_dir)
+    if rank0_value(stream_encoded_from(out, source)):
+        log(f"[prompts] encoded already: {out}")
+        return
+    family = build_family(recipe, read_prompts=False)   # its embedding shapes only
+    f = recipe.family
+    summary = encode_prompt_stream(recipe, family, source, out, dist_info, f.prompt_column, f.prompt_dtype, log=log)
+    log(f"[prompts] wrote {summary}")
 
 
 def run_stages(recipe, run_dir: str, dist_info, log, provenance: dict | None = None) -> dict | None:

@@ -2,7 +2,7 @@
 
     <run.dir>/config.yaml            the resolved recipe (trainer/stages/run_dir.py)
              provenance.jsonl        one line per attempt: code, versions, argv, world size (trainer/provenance.py)
-             prompts/                encoded prompt embeddings (latent families)
+             prompts/                family.prompts' prompt file encoded: a `prompts` stream (latent families)
              teacher/                teacher.safetensors, pixel_backbone.safetensors (toy)
              ode_pairs/              the collect stage's MDS stream
              pretrain/, distill/     checkpoints/, tb/, student.safetensors (EMA), generator.safetensors (raw),

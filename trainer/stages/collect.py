@@ -2,13 +2,19 @@
 alone.
 
 Pair i: noise drawn from the per-sample seed derive_seed(run.seed, 0, i, "ode_noise") (stored, with the unit-variance
-noise itself), the prompt / class of sample i, and the teacher's deterministic multi-step ODE solution at the
-recipe's guidance scale (`collect.sampler_steps`, `collect.guidance_scale`). Micro-batch j holds pairs
-[j*micro_batch, (j+1)*micro_batch) and goes to rank j mod world_size; each is written as its own part (data/parts.py),
-so the stream is identical for any number of ranks and a rerun after a crash writes only the missing parts.
+noise itself), the prompt / class of sample i (a pure function of the seed and i; latent families store the prompt's
+text, its id in the prompt stream and its embeddings in the pair, so training conditions each pair on its own
+prompt without the prompt table), and the teacher's deterministic multi-step ODE solution at the recipe's guidance
+scale (`collect.sampler_steps`, `collect.guidance_scale`). Micro-batch j holds pairs [j*micro_batch,
+(j+1)*micro_batch) and goes to rank j mod world_size; each is written as its own part (data/parts.py), so the stream
+is the same for any number of ranks and a rerun after a crash writes only the missing parts.
+
+The teacher runs on the rank's device: on CUDA in bf16 autocast (`collect.bf16`) with the weights in bf16, large
+micro-batches (`collect.micro_batch`); the noise and the stored outputs are fp32.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -17,10 +23,12 @@ import torch
 from tqdm import tqdm
 
 from data.parts import PartsWriter, units_of_rank
-from data.schemas import columns
+from data.schemas import columns, embedding_columns
 from parallel.distributed import barrier
 from parallel.randomness import StepRandom, derive_seed
 from trainer.families import build_family
+from trainer.families.latent import LatentFamily
+from trainer.families.prompts import embedding_fields
 from trainer.sampling import teacher_sample
 from trainer.stages.artifacts import pairs_path
 from trainer.stages.roles import build_denoiser
@@ -32,13 +40,18 @@ def collect_pairs(recipe, dist_info, progress: bool = True) -> str:
     cfg = recipe.collect
     out = cfg.out or os.path.join(recipe.run.dir, "ode_pairs")
     family, denoiser = build_family(recipe), build_denoiser(recipe)
+    device = dist_info.device
+    on_gpu = device.type == "cuda" and cfg.bf16
     teacher = load_teacher(recipe, recipe.run.dir, family)
+    teacher = teacher.to(device=device, dtype=torch.bfloat16) if on_gpu else teacher.to(device)
+    latent = isinstance(family, LatentFamily)
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else recipe.distill.method.guidance_scale
     sampler = {"name": "ode_first_order", "steps": cfg.sampler_steps, "guidance_scale": guidance,
                "prediction": recipe.schedule.prediction}
     seed = recipe.run.seed
     num_units = math.ceil(cfg.num_pairs / cfg.micro_batch)
-    writer = PartsWriter(out, columns("ode_pairs"))
+    embeddings = embedding_columns(family.embedding_shapes(), "float16") if latent else None
+    writer = PartsWriter(out, columns("ode_pairs", embeddings))
     mine = [u for u in units_of_rank(num_units, dist_info.rank, dist_info.world_size) if not writer.done(u)]
     already = sum(writer.done(u) for u in range(num_units))
     if already and dist_info.is_main:
@@ -49,12 +62,19 @@ def collect_pairs(recipe, dist_info, progress: bool = True) -> str:
         indices = range(unit * cfg.micro_batch, min((unit + 1) * cfg.micro_batch, cfg.num_pairs))
         labels = family.prompt_labels(indices, seed)
         noise = StepRandom(seed, 0, indices).normal("ode_noise", family.data_shape)
-        with torch.no_grad():
-            outputs = teacher_sample(denoiser, teacher, noise, family.condition(labels),
-                                     family.null_condition(len(indices), "cpu"), guidance, cfg.sampler_steps)
+        if latent:
+            rows, texts = family.embeddings(labels), family.prompts.texts(labels)   # the micro-batch's rows only
+        else:
+            rows, texts = labels, [f"class {int(y)}" if family.conditional else "" for y in labels]
+        autocast = torch.autocast("cuda", torch.bfloat16) if on_gpu else contextlib.nullcontext()
+        with torch.no_grad(), autocast:
+            outputs = teacher_sample(denoiser, teacher, noise.to(device), family.condition(rows, device),
+                                     family.null_condition(len(indices), device), guidance, cfg.sampler_steps)
+        outputs = outputs.float().cpu()
         writer.write(unit, ({"id": i, "noise": noise[k].numpy(), "noise_seed": derive_seed(seed, 0, i, "ode_noise"),
-                             "output": outputs[k].numpy(), "text": f"class {int(labels[k])}" if family.conditional
-                             else "", "label": int(labels[k]) if family.conditional else -1, "sampler": sampler}
+                             "output": outputs[k].numpy(), "text": texts[k],
+                             "label": int(labels[k]) if family.conditional else -1, "sampler": sampler,
+                             **(embedding_fields(rows, k, "float16") if latent else {})}
                             for k, i in enumerate(indices)))
     barrier()
     message = writer.merge(num_units) if dist_info.is_main else ""

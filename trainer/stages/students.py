@@ -20,7 +20,7 @@ def load_student(run_dir: str, recipe=None):
     """(recipe, family, generator denoiser, generator) of a finished run's last training stage, EMA weights, on
     the CPU."""
     recipe = recipe or load_recipe(os.path.join(run_dir, "config.yaml"))
-    family = build_family(recipe)
+    family = build_family(recipe, run_dir=run_dir)
     generator = build_generator_module(recipe, family)
     load_student_weights(generator, stage_student_path(run_dir, final_stage(recipe) or "distill"))
     return recipe, family, build_generator_denoiser(recipe), generator.eval().requires_grad_(False)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from data.streams import TrainingStream, is_local, read_root, verify_local_stream
+from data.streams import TrainingStream, is_local, read_root, require_embeddings, verify_local_stream
 from data.toy import ToyStream
 from parallel.backends import build_backend
 from parallel.distributed import barrier
-from trainer.families import build_family
+from parallel.randomness import derive_seed
+from trainer.families import build_family, prompt_stream_path
+from trainer.families.latent import LatentFamily
 from trainer.methods import build_method
 from trainer.stages.artifacts import (GENERATOR_FILE, STUDENT_FILE, generator_init_path, pairs_path, save_atomic,
                                       write_teacher_ref)
@@ -34,52 +36,85 @@ def build_stage_trainer(recipe, run_dir: str, dist_info, stage: str = "distill")
                           generator_init_path(recipe, run_dir, stage))
     generator_cfg = recipe.distill.generator
     if method.needs_pairs:
-        data = pairs_data(recipe, run_dir, dist_info, train.batch_size)
+        data = pairs_data(recipe, run_dir, family, dist_info, train.batch_size)
     elif method.needs_real_data:
         data = real_data(recipe, run_dir, family, dist_info, train.batch_size)
     else:
         data = None
+    prompts = None
+    if getattr(family, "prompt_stream", None) is not None and not method.needs_pairs:
+        prompts = prompt_data(recipe, run_dir, family, dist_info, train.batch_size)
     return StageTrainer(stage_dir=stage_dir, stage_name=f"{stage}:{section.method.name}", method=method,
                         nets=nets, backend=backend, denoiser=denoiser, family=family,
                         loop=loop_config(train, recipe.run.seed), dist_info=dist_info,
                         student_timesteps=generator_denoiser.schedule.student_timesteps(generator_cfg.num_steps),
                         conditioning_timestep=generator_cfg.conditioning_timestep, data_source=data,
-                        guards_cfg=recipe.guards, generator_denoiser=generator_denoiser)
+                        guards_cfg=recipe.guards, generator_denoiser=generator_denoiser, prompt_source=prompts)
 
 
-def pairs_data(recipe, run_dir: str, dist_info, global_batch: int) -> "StreamAdapter":
-    """The teacher ODE pairs (an `ode_pairs` MDS stream) as the trainer's `batch(indices) -> (noise, x0, labels)`."""
+def own_prompts(batch):
+    """A sample's conditioning: its stored text embeddings (latent families), else its label (the toy's class)."""
+    return batch.embeddings or batch.labels
+
+
+def pairs_data(recipe, run_dir: str, family, dist_info, global_batch: int) -> "StreamAdapter":
+    """The teacher ODE pairs (an `ode_pairs` MDS stream) as the trainer's `batch(indices) -> (noise, x0, prompts)`,
+    each pair with its own prompt's embeddings (the toy: its class)."""
     d = recipe.data
-    stream = TrainingStream("ode_pairs", pairs_path(recipe, run_dir), d.pairs_local,
-                            global_batch // dist_info.dp_size, recipe.run.seed,
+    root = pairs_path(recipe, run_dir)
+    if is_local(root) and isinstance(family, LatentFamily):
+        require_embeddings(root, family.embedding_shapes(), "collect the pairs again with this version: python "
+                           "-m trainer.collect")
+    stream = TrainingStream("ode_pairs", root, d.pairs_local, global_batch // dist_info.dp_size, recipe.run.seed,
                             num_canonical_nodes=d.num_canonical_nodes, replication=replication(dist_info),
                             check_hashes=d.check_hashes, workers=d.loader_workers,
                             cache=stream_cache(run_dir, "ode_pairs"))
-    return StreamAdapter(stream, lambda b: (b.noise.float(), b.outputs.float(), b.labels))
+    return StreamAdapter(stream, lambda b: (b.noise.float(), b.outputs.float(), own_prompts(b)))
 
 
 def real_data(recipe, run_dir: str, family, dist_info, global_batch: int):
-    """The real-data source: an MDS `real_latents` stream when `data.real_remote` is set, else the bundled toy data."""
+    """The real-data source: an MDS `real_latents` stream when `data.real_remote` is set (each latent with its own
+    caption's embeddings), else the bundled toy data."""
     d = recipe.data
     if d.real_remote is None:
         return ToyStream(family.dataset, recipe.run.seed)
+    if is_local(d.real_remote) and isinstance(family, LatentFamily):
+        require_embeddings(d.real_remote, family.embedding_shapes(), "write it with python -m trainer.prepare images")
     stream = TrainingStream("real_latents", d.real_remote, d.real_local, global_batch // dist_info.dp_size,
                             recipe.run.seed, num_canonical_nodes=d.num_canonical_nodes,
                             replication=replication(dist_info), check_hashes=d.check_hashes,
                             workers=d.loader_workers, cache=stream_cache(run_dir, "real_latents"))
-    return StreamAdapter(stream, lambda b: (b.latents.float(), b.labels))
+    return StreamAdapter(stream, lambda b: (b.latents.float(), own_prompts(b)))
+
+
+def prompt_data(recipe, run_dir: str, family, dist_info, global_batch: int) -> "StreamAdapter":
+    """The generator's prompts: the encoded prompt stream, read per batch like the data (exactly once per epoch,
+    its position in the checkpoint, any world size; only the batch's rows reach the device). Shuffled with its own
+    seed, so its order is not the real stream's."""
+    d = recipe.data
+    root = family.prompt_stream
+    require_embeddings(root, family.embedding_shapes(), "encode the prompts with python -m trainer.prepare prompts")
+    stream = TrainingStream("prompts", root, None, global_batch // dist_info.dp_size,
+                            derive_seed(recipe.run.seed, 0, 0, "prompt_order") % 2**31,
+                            num_canonical_nodes=d.num_canonical_nodes, replication=replication(dist_info),
+                            check_hashes=d.check_hashes, workers=d.loader_workers,
+                            cache=stream_cache(run_dir, "prompts"))
+    return StreamAdapter(stream, lambda b: b.embeddings)
 
 
 def check_streams(recipe, run_dir: str) -> None:
-    """Before the first stage: every local stream the recipe names that exists already (data.real_remote, and the
-    pairs when no collect stage writes them) has the right schema and intact shards, so a wrong stream fails with
-    one line before hours of teacher or collect work, not after (hashes are remembered: opening it later is free)."""
+    """Before the first stage: every local stream the recipe names that exists already (data.real_remote, a prompt
+    stream, and the pairs when no collect stage writes them) has the right schema and intact shards, so a wrong
+    stream fails with one line before hours of teacher or collect work, not after (hashes are remembered: opening
+    it later is free)."""
     d = recipe.data
     named = [("real_latents", d.real_remote, d.real_local)]
     if "collect" not in recipe.stages:
         named.append(("ode_pairs", pairs_path(recipe, run_dir), d.pairs_local))
+    if recipe.family.name != "toy":
+        named.append(("prompts", prompt_stream_path(recipe, run_dir), None))
     for kind, root, local in named:
-        if root is None or not is_local(root) or not os.path.exists(root):
+        if root is None or not is_local(root) or not os.path.exists(os.path.join(root, "index.json")):
             continue
         verify_local_stream(root, kind, d.check_hashes, read_root(root, local, stream_cache(run_dir, kind)))
 

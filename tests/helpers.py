@@ -95,3 +95,30 @@ def recorded_steps(trainer, steps: int) -> tuple[dict, dict]:
         losses[step] = trainer.reduce_metrics({k: v for k, v in sums.items() if k.startswith("loss/")})
     trainer.after_phase = None
     return grads, losses
+
+
+def sdxl_tiny_embedding_shapes() -> dict:
+    """The tiny SDXL twin's conditioning inputs (its checked-in config)."""
+    recipe = load_recipe(os.path.join(ROOT, "recipes", "tiny", "sdxl_tiny.yaml"), ["teacher.pretrained=none/none"])
+    return build_family(recipe, planning=True).embedding_shapes()   # planning: the checked-in config
+
+
+def write_embedded_stream(folder: str, kind: str, count: int, shapes: dict, latent_shape: tuple | None = None,
+                          seed: int = 0, dtype: str = "float16") -> str:
+    """A `prompts` or `real_latents` stream of `count` samples with random `emb_*` rows of `shapes` (and random
+    latents of `latent_shape`), uncompressed, one part: synthetic stand-ins for trainer.prepare's output."""
+    import numpy as np
+    from data.parts import PartsWriter
+    from data.schemas import columns, embedding_columns
+    rng = np.random.default_rng(seed)
+    writer = PartsWriter(folder, columns(kind, embedding_columns(shapes, dtype)), compression=None)
+
+    def sample(i):
+        emb = {f"emb_{name}": rng.standard_normal(shape).astype(dtype) for name, shape in shapes.items()}
+        if kind == "prompts":
+            return {"id": i, "text": f"prompt {i}", "label": -1, **emb}
+        return {"id": i, "latent": rng.standard_normal(latent_shape).astype(np.float16), "caption": f"caption {i}",
+                "label": -1, **emb}
+    writer.write(0, (sample(i) for i in range(count)))
+    writer.merge(1)
+    return folder

@@ -30,8 +30,8 @@ from parallel.distributed import barrier, init_distributed, shutdown
 from parallel.runtime_env import apply_runtime_defaults
 from trainer.config import RecipeError, load_recipe
 from trainer.families import build_family
-from trainer.families.prompts import (PromptFileError, TextEncoder, check_shapes, embedding_fields,
-                                      encode_prompt_stream, is_prompt_file)
+from trainer.families.prompts import (PROMPTS_PER_PART, PromptFileError, TextEncoder, check_shapes,
+                                      embedding_fields, encode_prompt_stream, is_prompt_file)
 
 IMAGES_PER_PART = 256
 
@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--caption-column", default="caption", help="images from parquet: the captions")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embeddings")
     parser.add_argument("--batch", type=int, default=64, help="prompts (images: images) per encoder call")
+    parser.add_argument("--part-size", type=int, default=PROMPTS_PER_PART,
+                        help="prompts: prompts per part (the unit of work, of resume and of spreading over ranks)")
     parser.add_argument("--vae", help="images: an AutoencoderKL folder or hub id (default: the teacher's vae/)")
     args = parser.parse_intermixed_args(argv)
     try:
@@ -100,13 +102,14 @@ def main(argv=None) -> int:
                               f"pipeline folder or hub id)")
         if args.what == "prompts" and not is_prompt_file(args.input):
             raise PromptFileError(f"{args.input}: not a prompt file (hint: a .txt, .jsonl or .parquet file)")
-        if args.batch <= 0:
-            raise PromptFileError(f"--batch {args.batch}: must be positive")
+        if args.batch <= 0 or args.part_size <= 0:
+            raise PromptFileError(f"--batch {args.batch} / --part-size {args.part_size}: must be positive")
         info = init_distributed()
         family = build_family(recipe, read_prompts=False)   # the embedding layout
         if args.what == "prompts":
             summary = encode_prompt_stream(recipe, family, args.input, args.out, info, args.column, args.dtype,
-                                           args.batch, log=print if info.is_main else (lambda message: None))
+                                           args.batch, log=print if info.is_main else (lambda message: None),
+                                           part_size=args.part_size)
         else:
             summary = encode_image_stream(recipe, family, args.input, args.out, info, args.image_column,
                                           args.caption_column, args.dtype, args.batch, args.vae)

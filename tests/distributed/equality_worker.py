@@ -21,14 +21,15 @@ from trainer.config import load_recipe  # noqa: E402
 from trainer.stages.teacher import ensure_pixel_backbone  # noqa: E402
 from trainer.stages.training import build_stage_trainer  # noqa: E402
 
-backend, out_dir, toy_teacher, sdxl_teacher, data_source, pairs = sys.argv[1:7]
+backend, out_dir, toy_teacher, sdxl_teacher, data_source, pairs, prompts = sys.argv[1:8]
 info = init_distributed(need_group=backend != "data_parallel")
 STEPS = 5
 FAMILIES = {
     "toy": ("recipes/tiny/toy_smoke.yaml", [f"teacher.pretrained={toy_teacher}", "family.hidden=32",
                                              "distill.train.batch_size=8", "distill.train.micro_batch_size=4"]),
     "sdxl": ("recipes/tiny/sdxl_tiny.yaml", [f"teacher.pretrained={sdxl_teacher}", f"data.real_remote={data_source}",
-                                              "distill.train.batch_size=4", "distill.train.micro_batch_size=2"]),
+                                              f"family.prompts={prompts}", "distill.train.batch_size=4",
+                                              "distill.train.micro_batch_size=2"]),
 }
 
 CASES = [(family, method) for family in FAMILIES for method in ("dmd", "dmd2", "adm")] + [("toy", "adp")]

@@ -10,12 +10,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from tests.distributed.test_data_parallel import ENV, free_port
-from tests.helpers import ROOT, random_teacher, tiny_recipe
+from tests.helpers import ROOT, random_teacher, sdxl_tiny_embedding_shapes, tiny_recipe, write_embedded_stream
 
 WORKER = os.path.join(ROOT, "tests", "distributed", "equality_worker.py")
 CASES = [f"{family}_{method}" for family in ("toy", "sdxl") for method in ("dmd", "dmd2", "adm")] + ["toy_adp"]
@@ -28,18 +27,6 @@ def save_tiny_sdxl_teacher(folder: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
     config = {k: v for k, v in load_config("sdxl_tiny").items() if not k.startswith("_")}
     SDXLUNet.from_config(config).save_pretrained(os.path.join(folder, "unet"))
-    return folder
-
-
-def write_real_latents(folder: str, count: int = 64, num_prompts: int = 8) -> str:
-    """A real_latents MDS stream of random [4, 16, 16] latents with prompt ids (DMD2's real branch)."""
-    from data.parts import PartsWriter
-    from data.schemas import columns
-    rng = np.random.default_rng(0)
-    writer = PartsWriter(folder, columns("real_latents"))
-    writer.write(0, ({"id": i, "latent": rng.standard_normal((4, 16, 16)).astype(np.float16),
-                      "caption": f"prompt {i % num_prompts}", "label": i % num_prompts} for i in range(count)))
-    writer.merge(1)
     return folder
 
 
@@ -59,12 +46,16 @@ def inputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("equality")
     toy = random_teacher(tmp, tiny_recipe(tmp, "family.hidden=32"))
     sdxl = save_tiny_sdxl_teacher(str(tmp / "sdxl_pipe"))
-    real = write_real_latents(str(tmp / "real_latents"))
+    # the SDXL cases read streams as a real run does: the generator's prompts from a prompt stream, DMD2's real
+    # latents each with its own caption's embeddings
+    shapes = sdxl_tiny_embedding_shapes()
+    real = write_embedded_stream(str(tmp / "real_latents"), "real_latents", 64, shapes, (4, 16, 16))
+    prompts = write_embedded_stream(str(tmp / "prompts"), "prompts", 64, shapes, seed=1)
     pairs = collect_toy_pairs(tmp, toy)
     out = tmp / "out"
     out.mkdir()
-    launch(1, "data_parallel", str(out), toy, sdxl, real, pairs)
-    return out, (toy, sdxl, real, pairs)
+    launch(1, "data_parallel", str(out), toy, sdxl, real, pairs, prompts)
+    return out, (toy, sdxl, real, pairs, prompts)
 
 
 def collect_toy_pairs(tmp, teacher: str) -> str:

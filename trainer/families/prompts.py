@@ -168,19 +168,21 @@ def embedding_fields(embeddings: dict[str, torch.Tensor], k: int, dtype: str) ->
 
 
 def encode_prompt_stream(recipe, family, source: str, out: str, dist_info, column: str = "text",
-                         dtype: str = "float16", batch: int = 64, log=print, progress: bool = True) -> str:
+                         dtype: str = "float16", batch: int = 64, log=print, progress: bool = True,
+                         part_size: int = PROMPTS_PER_PART) -> str:
     """Encode the prompt file `source` into the `prompts` stream `out`. Collective: each rank encodes its parts
-    (PROMPTS_PER_PART prompts, round-robin) on its device; a rerun writes only the missing parts (a part's content
+    (`part_size` prompts, round-robin) on its device; a rerun writes only the missing parts (a part's content
     depends only on its number, so any number of ranks writes the same stream); rank 0 merges. Returns a summary."""
     settings = {"sha256": file_digest(source), "column": column, "dtype": dtype, "family": recipe.family.name,
-                "embedding_shapes": {k: list(v) for k, v in family.embedding_shapes().items()}}
+                "embedding_shapes": {k: list(v) for k, v in family.embedding_shapes().items()},
+                "part_size": part_size, "batch": batch}
     if dist_info.is_main:
         prepare_output(out, settings, log)
     barrier()
     texts = read_prompt_texts(source, column)
     writer = PartsWriter(out, columns("prompts", embedding_columns(family.embedding_shapes(), dtype)),
                          compression=None)
-    num_units = math.ceil(len(texts) / PROMPTS_PER_PART)
+    num_units = math.ceil(len(texts) / part_size)
     todo = [u for u in units_of_rank(num_units, dist_info.rank, dist_info.world_size) if not writer.done(u)]
     if todo or (dist_info.is_main and not os.path.isfile(os.path.join(out, EMPTY_PROMPT_FILE))):
         encoder = TextEncoder(recipe, family, dist_info.device, batch)
@@ -192,8 +194,8 @@ def encode_prompt_stream(recipe, family, source: str, out: str, dist_info, colum
         bar = tqdm(todo, desc=f"[prompts] encoding {len(texts)} prompts", unit="part", file=sys.stderr,
                    disable=not (progress and dist_info.is_main), mininterval=0 if sys.stderr.isatty() else 30)
         for unit in bar:
-            start = unit * PROMPTS_PER_PART
-            chunk = texts[start:start + PROMPTS_PER_PART]
+            start = unit * part_size
+            chunk = texts[start:start + part_size]
             embeddings = encoder(chunk)
             check_shapes(family, embeddings, source)
             writer.write(unit, ({"id": start + k, "text": text, "label": -1, **embedding_fields(embeddings, k, dtype)}

@@ -86,7 +86,8 @@ def read_root(root: str, local: Optional[str], cache: Optional[str]) -> str:
 def verify_local_stream(root: str, kind: str, check_hashes: bool = True, read_root: Optional[str] = None) -> int:
     """Check a local stream before training: schema, every shard present and intact, not empty. Returns samples.
     The file checked is the one training will read: the raw shard where it is read from (`read_root`: the stream
-    itself, or the cache a compressed stream is decompressed into) when it exists there, else the compressed shard.
+    itself, or the cache it is copied or decompressed into) when it exists there, else the stream's own (compressed
+    or raw) shard.
     Hashing reads each file once per process (xxh64, several GB/s); check_hashes=False skips it (sizes only)."""
     index = read_index(root)
     try:
@@ -99,8 +100,9 @@ def verify_local_stream(root: str, kind: str, check_hashes: bool = True, read_ro
         raw, zipped = shard["raw_data"], shard.get("zip_data")
         where = f"{root}: shard {raw['basename']} (samples {total}-{total + shard['samples'] - 1})"
         path, info = os.path.join(read_root, raw["basename"]), raw
-        if not os.path.isfile(path) and zipped:
-            path, info = os.path.join(root, zipped["basename"]), zipped
+        if not os.path.isfile(path):   # not in the cache yet: the file it will be copied or decompressed from
+            path, info = (os.path.join(root, zipped["basename"]), zipped) if zipped else \
+                (os.path.join(root, raw["basename"]), raw)
         if not os.path.isfile(path):
             raise StreamError(f"{where} is missing ({info['basename']}, listed in index.json)")
         if os.path.getsize(path) != info["bytes"]:

@@ -54,8 +54,10 @@ def clean_shared_memory():
     import_streaming().base.util.clean_stale_shared_memory()
 
 
-def test_stream_reads_every_sample_once_per_epoch_and_reshuffles(tmp_path):
-    root = write_real_latents(tmp_path / "remote", 32)
+@pytest.mark.parametrize("compression", ["zstd", None])
+def test_stream_reads_every_sample_once_per_epoch_and_reshuffles(tmp_path, compression):
+    """Through a local cache, from a compressed stream and from an uncompressed one (copied, not decompressed)."""
+    root = write_real_latents(tmp_path / "remote", 32, compression=compression)
     stream = TrainingStream("real_latents", root, str(tmp_path / "cache"), batch_size=8, seed=3)
     first = [int(i) for _ in range(4) for i in stream.next_batch().ids]
     second = [int(i) for _ in range(4) for i in stream.next_batch().ids]

@@ -123,7 +123,7 @@ def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32", ch
     stage = final_stage(recipe) or "distill"
     if checkpoint is not None:   # an unfinished run: the weights from a checkpoint of whichever backend wrote it
         folder = checkpoint_folder(run_dir, stage, checkpoint)
-        family = build_family(recipe)
+        family = build_family(recipe, run_dir=run_dir, read_prompts=False)   # the architecture only
         with torch.device("meta"):
             shapes = build_generator_module(recipe, family)
         path = checkpoint_weights(folder, shapes, "generator", weights)
@@ -135,7 +135,7 @@ def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32", ch
             raise FileNotFoundError(f"{path}: the {stage} stage has not finished (hint: rerun python -m trainer.main "
                                     f"on the recipe, which resumes and writes the student at the end, or export a "
                                     f"checkpoint with --checkpoint latest)")
-        family = build_family(recipe)
+        family = build_family(recipe, run_dir=run_dir, read_prompts=False)   # the architecture only
     denoiser = build_generator_denoiser(recipe)
     stock = family.denoiser_class.__mro__[1]          # the diffusers class the student subclass extends
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]

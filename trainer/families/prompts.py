@@ -147,10 +147,11 @@ class TextEncoder:
     """The family's text encoders on this rank's device: bf16 on CUDA (fp32 on CPU, where bf16 matmuls are slow),
     `batch` prompts per call."""
 
-    def __init__(self, recipe, family, device, batch: int = 64):
+    def __init__(self, recipe, family, device, batch: int = 64, pipeline=None):
+        """pipeline: one already built (benchmarks); default: the teacher's, loaded with load_text_pipeline."""
         self.family, self.device, self.batch = family, torch.device(device), batch
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.pipeline = load_text_pipeline(recipe, self.device, self.dtype)
+        self.pipeline = pipeline if pipeline is not None else load_text_pipeline(recipe, self.device, self.dtype)
         # truncating a long caption to the encoders' tokens is what the stock pipelines do too; their warning per
         # call (with the cut text) would drown the progress bar over a million prompts
         diffusers.utils.logging.set_verbosity_error()

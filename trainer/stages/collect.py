@@ -35,23 +35,54 @@ from trainer.stages.roles import build_denoiser
 from trainer.stages.students import load_teacher
 
 
+class PairCollector:
+    """The teacher on this rank's device and the recipe's sampler: `samples(indices)` computes pairs `indices`
+    (one micro-batch) as MDS samples. collect_pairs writes them; benchmarks/data_throughput.py times them."""
+
+    def __init__(self, recipe, family, denoiser, teacher, device):
+        cfg = recipe.collect
+        self.family, self.denoiser, self.device, self.seed = family, denoiser, torch.device(device), recipe.run.seed
+        self.on_gpu = self.device.type == "cuda" and cfg.bf16
+        self.teacher = teacher.to(device=self.device, dtype=torch.bfloat16) if self.on_gpu else teacher.to(self.device)
+        self.latent = isinstance(family, LatentFamily)
+        self.guidance = cfg.guidance_scale if cfg.guidance_scale is not None else recipe.distill.method.guidance_scale
+        self.steps = cfg.sampler_steps
+        self.sampler = {"name": "ode_first_order", "steps": cfg.sampler_steps, "guidance_scale": self.guidance,
+                        "prediction": recipe.schedule.prediction}
+
+    def columns(self) -> dict[str, str]:
+        embeddings = embedding_columns(self.family.embedding_shapes(), "float16") if self.latent else None
+        return columns("ode_pairs", embeddings)
+
+    def samples(self, indices: range) -> list[dict]:
+        family, seed = self.family, self.seed
+        labels = family.prompt_labels(indices, seed)
+        noise = StepRandom(seed, 0, indices).normal("ode_noise", family.data_shape)
+        if self.latent:
+            rows, texts = family.embeddings(labels), family.prompts.texts(labels)   # the micro-batch's rows only
+        else:
+            rows, texts = labels, [f"class {int(y)}" if family.conditional else "" for y in labels]
+        autocast = torch.autocast("cuda", torch.bfloat16) if self.on_gpu else contextlib.nullcontext()
+        with torch.no_grad(), autocast:
+            outputs = teacher_sample(self.denoiser, self.teacher, noise.to(self.device),
+                                     family.condition(rows, self.device),
+                                     family.null_condition(len(indices), self.device), self.guidance, self.steps)
+        outputs = outputs.float().cpu()   # the one device-to-host copy per micro-batch
+        return [{"id": i, "noise": noise[k].numpy(), "noise_seed": derive_seed(seed, 0, i, "ode_noise"),
+                 "output": outputs[k].numpy(), "text": texts[k], "label": int(labels[k]) if family.conditional else -1,
+                 "sampler": self.sampler, **(embedding_fields(rows, k, "float16") if self.latent else {})}
+                for k, i in enumerate(indices)]
+
+
 def collect_pairs(recipe, dist_info, progress: bool = True) -> str:
     """Write the missing micro-batches of this rank, then (rank 0) merge the parts into one stream. Collective."""
     cfg = recipe.collect
     out = cfg.out or os.path.join(recipe.run.dir, "ode_pairs")
-    family, denoiser = build_family(recipe), build_denoiser(recipe)
-    device = dist_info.device
-    on_gpu = device.type == "cuda" and cfg.bf16
-    teacher = load_teacher(recipe, recipe.run.dir, family)
-    teacher = teacher.to(device=device, dtype=torch.bfloat16) if on_gpu else teacher.to(device)
-    latent = isinstance(family, LatentFamily)
-    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else recipe.distill.method.guidance_scale
-    sampler = {"name": "ode_first_order", "steps": cfg.sampler_steps, "guidance_scale": guidance,
-               "prediction": recipe.schedule.prediction}
-    seed = recipe.run.seed
+    family = build_family(recipe)
+    collector = PairCollector(recipe, family, build_denoiser(recipe), load_teacher(recipe, recipe.run.dir, family),
+                              dist_info.device)
     num_units = math.ceil(cfg.num_pairs / cfg.micro_batch)
-    embeddings = embedding_columns(family.embedding_shapes(), "float16") if latent else None
-    writer = PartsWriter(out, columns("ode_pairs", embeddings))
+    writer = PartsWriter(out, collector.columns())
     mine = [u for u in units_of_rank(num_units, dist_info.rank, dist_info.world_size) if not writer.done(u)]
     already = sum(writer.done(u) for u in range(num_units))
     if already and dist_info.is_main:
@@ -59,23 +90,8 @@ def collect_pairs(recipe, dist_info, progress: bool = True) -> str:
     bar = tqdm(mine, desc="collect ode pairs", unit="micro-batch", disable=not (progress and dist_info.is_main),
                file=sys.stderr)
     for unit in bar:
-        indices = range(unit * cfg.micro_batch, min((unit + 1) * cfg.micro_batch, cfg.num_pairs))
-        labels = family.prompt_labels(indices, seed)
-        noise = StepRandom(seed, 0, indices).normal("ode_noise", family.data_shape)
-        if latent:
-            rows, texts = family.embeddings(labels), family.prompts.texts(labels)   # the micro-batch's rows only
-        else:
-            rows, texts = labels, [f"class {int(y)}" if family.conditional else "" for y in labels]
-        autocast = torch.autocast("cuda", torch.bfloat16) if on_gpu else contextlib.nullcontext()
-        with torch.no_grad(), autocast:
-            outputs = teacher_sample(denoiser, teacher, noise.to(device), family.condition(rows, device),
-                                     family.null_condition(len(indices), device), guidance, cfg.sampler_steps)
-        outputs = outputs.float().cpu()
-        writer.write(unit, ({"id": i, "noise": noise[k].numpy(), "noise_seed": derive_seed(seed, 0, i, "ode_noise"),
-                             "output": outputs[k].numpy(), "text": texts[k],
-                             "label": int(labels[k]) if family.conditional else -1, "sampler": sampler,
-                             **(embedding_fields(rows, k, "float16") if latent else {})}
-                            for k, i in enumerate(indices)))
+        writer.write(unit, collector.samples(range(unit * cfg.micro_batch,
+                                                   min((unit + 1) * cfg.micro_batch, cfg.num_pairs))))
     barrier()
     message = writer.merge(num_units) if dist_info.is_main else ""
     barrier()

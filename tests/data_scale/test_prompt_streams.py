@@ -166,3 +166,42 @@ def test_rank_memory_does_not_grow_with_the_number_of_prompts(pipeline, tmp_path
         peaks[count] = max(record["peak_rss_mb"] for record in records)
     print(f"peak RSS per rank: {peaks[200]:.0f} MB with 200 prompts, {peaks[20_000]:.0f} MB with 20,000")
     assert abs(peaks[20_000] - peaks[200]) < 50, peaks
+
+
+def test_bad_inputs_get_one_line_and_change_nothing(pipeline, tmp_path, capsys):
+    """trainer.prepare: a file that is no prompt file, a missing parquet column, an --out holding another file's
+    prompts (left as it was); training: a real stream without caption embeddings for a latent family."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from data.parts import PartsWriter
+    from data.schemas import columns
+    from trainer.main import main as train_main
+    from trainer.prepare import main as prepare_main
+
+    def refused(call, *fragments):
+        assert call() == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and all(f in lines[0] for f in fragments), lines
+    base = ["--recipe", SDXL, f"teacher.pretrained={pipeline}"]
+    (tmp_path / "prompts.csv").write_text("a cat\n")
+    refused(lambda: prepare_main(["prompts", str(tmp_path / "prompts.csv"), "--out", str(tmp_path / "a"), *base]),
+            "prompts.csv", "not a prompt file", "hint")
+    pq.write_table(pa.table({"caption": ["a cat", "a dog"]}), tmp_path / "captions.parquet")
+    refused(lambda: prepare_main(["prompts", str(tmp_path / "captions.parquet"), "--out", str(tmp_path / "a"),
+                                  *base]), "captions.parquet", "column 'text' not found", "--column")
+    assert prepare_main(["prompts", str(tmp_path / "captions.parquet"), "--column", "caption", "--out",
+                         str(tmp_path / "a"), *base]) == 0
+    assert [s["text"] for s in read_stream(tmp_path / "a")] == ["a cat", "a dog"]
+    before = {p: p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    (tmp_path / "other.txt").write_text("a bird\n")
+    refused(lambda: prepare_main(["prompts", str(tmp_path / "other.txt"), "--out", str(tmp_path / "a"), *base]),
+            "another file", "choose another --out")
+    assert {p: p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()} == before
+    # a real_latents stream written without embeddings (data.convert's) cannot condition a latent family
+    writer = PartsWriter(str(tmp_path / "real"), columns("real_latents"))
+    writer.write(0, ({"id": i, "latent": np.zeros((4, 16, 16), np.float16), "caption": "c", "label": -1}
+                     for i in range(8)))
+    writer.merge(1)
+    refused(lambda: train_main([SDXL, f"run.dir={tmp_path / 'run'}", f"teacher.pretrained={pipeline}",
+                                f"data.real_remote={tmp_path / 'real'}", *DMD2]),
+            "real", "no emb_encoder_hidden_states column", "trainer.prepare images")

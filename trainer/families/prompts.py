@@ -38,7 +38,7 @@ from data.parts import PartsWriter, units_of_rank
 from data.schemas import EMBEDDING_PREFIX, columns, embedding_columns
 from data.streaming_import import import_streaming
 from data.streams import StreamError, read_index
-from parallel.distributed import barrier
+from parallel.distributed import barrier, rank0_value
 
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 SOURCE_FILE = "source.json"
@@ -170,17 +170,24 @@ def embedding_fields(embeddings: dict[str, torch.Tensor], k: int, dtype: str) ->
 
 def encode_prompt_stream(recipe, family, source: str, out: str, dist_info, column: str = "text",
                          dtype: str = "float16", batch: int = 64, log=print, progress: bool = True,
-                         part_size: int = PROMPTS_PER_PART) -> str:
+                         part_size: int = PROMPTS_PER_PART, replace_stale: bool = False) -> str:
     """Encode the prompt file `source` into the `prompts` stream `out`. Collective: each rank encodes its parts
     (`part_size` prompts, round-robin) on its device; a rerun writes only the missing parts (a part's content
-    depends only on its number, so any number of ranks writes the same stream); rank 0 merges. Returns a summary."""
+    depends only on its number, so any number of ranks writes the same stream); rank 0 merges. Returns a summary.
+    replace_stale: see prepare_output."""
     settings = {"sha256": file_digest(source), "column": column, "dtype": dtype, "family": recipe.family.name,
                 "embedding_shapes": {k: list(v) for k, v in family.embedding_shapes().items()},
-                "part_size": part_size, "batch": batch}
+                "part_size": part_size}   # not the batch: it changes rounding only, and a resume may pick another
+    texts = read_prompt_texts(source, column)   # a bad file fails here, before anything is written
+    problem = None
     if dist_info.is_main:
-        prepare_output(out, settings, log)
-    barrier()
-    texts = read_prompt_texts(source, column)
+        try:
+            prepare_output(out, settings, log, replace_stale)
+        except PromptFileError as e:
+            problem = str(e)
+    problem = rank0_value(problem)   # every rank stops with rank 0's line, none waits at a barrier
+    if problem:
+        raise PromptFileError(problem)
     writer = PartsWriter(out, columns("prompts", embedding_columns(family.embedding_shapes(), dtype)),
                          compression=None)
     num_units = math.ceil(len(texts) / part_size)
@@ -207,14 +214,19 @@ def encode_prompt_stream(recipe, family, source: str, out: str, dist_info, colum
     return summary
 
 
-def prepare_output(out: str, settings: dict, log) -> None:
-    """Rank 0: a stream in `out` encoded from another file or with other settings is removed (with a line); the
+def prepare_output(out: str, settings: dict, log, replace_stale: bool) -> None:
+    """Rank 0: a stream in `out` encoded from another file or with other settings is removed with a line when
+    `replace_stale` (the run dir's own copy of family.prompts), else refused (a stream the user made stays); the
     settings are recorded before any part is written."""
     path = os.path.join(out, SOURCE_FILE)
     if os.path.isfile(path):
         with open(path) as f:
             if json.load(f) == settings:
                 return
+        started = any(name.startswith("part_") for name in os.listdir(out))
+        if started and not replace_stale:
+            raise PromptFileError(f"{out}: holds prompts encoded from another file or with other settings "
+                                  f"({SOURCE_FILE}) (hint: choose another --out, or delete it; nothing was changed)")
         log(f"[prompts] {out}: encoded from another prompt file or with other settings: encoding again")
         shutil.rmtree(out)
     elif os.path.isdir(out) and os.listdir(out):

@@ -28,7 +28,8 @@ def prepare_prompts(recipe, run_dir: str, dist_info, log) -> None:
         return
     family = build_family(recipe, read_prompts=False)   # its embedding shapes only
     f = recipe.family
-    summary = encode_prompt_stream(recipe, family, source, out, dist_info, f.prompt_column, f.prompt_dtype, log=log)
+    summary = encode_prompt_stream(recipe, family, source, out, dist_info, f.prompt_column, f.prompt_dtype, log=log,
+                                   replace_stale=True)
     log(f"[prompts] wrote {summary}")
 
 

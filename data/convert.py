@@ -57,11 +57,19 @@ def list_images(folder: str) -> list[dict]:
     return items
 
 
-def read_jsonl_prompts(path: str) -> list[dict]:
+PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def is_prompt_file(path: str) -> bool:
+    return os.path.isfile(path) and path.lower().endswith(PROMPT_FILE_SUFFIXES)
+
+
+def read_jsonl_prompts(path: str, column: str = "text") -> list[dict]:
+    """{text, label} per object of a jsonl file: `column` (else "prompt") and an optional "label"."""
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: file not found")
     items = []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -69,11 +77,34 @@ def read_jsonl_prompts(path: str) -> list[dict]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConvertError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            text = obj.get("text", obj.get("prompt"))
+            text = obj.get(column, obj.get("prompt")) if isinstance(obj, dict) else None
             if not isinstance(text, str):
-                raise ConvertError(f"{path}:{line_no}: needs a string 'text' (or 'prompt') field")
+                raise ConvertError(f"{path}:{line_no}: needs a string '{column}' (or 'prompt') field (hint: "
+                                   f"--column / family.prompt_column names it)")
             items.append({"text": text, "label": int(obj.get("label", -1))})
     return items
+
+
+def read_prompt_texts(path: str, column: str = "text") -> list[str]:
+    """The prompts of a text file (one per non-empty line), a jsonl file (`column`, else "prompt", per object) or a
+    parquet file (`column`). Held as a list of strings by the encoding command only (~100 B a prompt)."""
+    if path.lower().endswith(".parquet"):
+        names = pq.read_schema(path).names
+        if column not in names:
+            raise ConvertError(f"{path}: column '{column}' not found (has {names}) (hint: pass the caption "
+                               f"column's name, --column / family.prompt_column)")
+        texts = [t if t is not None else "" for t in pq.read_table(path, columns=[column]).column(column).to_pylist()]
+    elif path.lower().endswith(".jsonl"):
+        texts = [item["text"] for item in read_jsonl_prompts(path, column)]
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts = [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ConvertError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not texts:
+        raise ConvertError(f"{path}: no prompts")
+    return texts
 
 
 def read_parquet(path: str, kind: str, text_column: str, image_column: str, caption_column: str) -> list[dict]:

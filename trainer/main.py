@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-
+from data.convert import ConvertError
 from data.streams import StreamError
 from parallel.distributed import init_distributed, rank0_value, shutdown
 from parallel.runtime_env import apply_runtime_defaults
@@ -21,7 +21,6 @@ from parallel.safe_dcp import UnsafeCheckpoint
 from trainer import provenance
 from trainer.config import RecipeError, dump_recipe, load_recipe
 from trainer.exit_codes import BAD_INPUT, ENVIRONMENT, OK, TRAINING_FAULT, EnvironmentFault, environment_cause
-from trainer.families.prompts import PromptFileError
 from trainer.guards import GuardError
 from trainer.memory_plan import plan_memory
 from trainer.run_lock import RunDirLock
@@ -133,7 +132,7 @@ def run(args, argv, recipe, dist_info, log, error) -> int:
         log(str(e))
         shutdown()
         return e.exit_code
-    except (RecipeError, UnsafeCheckpoint, StreamError, PromptFileError) as e:   # bad input found while running
+    except (RecipeError, UnsafeCheckpoint, StreamError, ConvertError) as e:   # bad input found while running
         error(str(e))
         return BAD_INPUT
     except EnvironmentFault as e:

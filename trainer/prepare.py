@@ -22,7 +22,7 @@ import sys
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
-from data.convert import ConvertError, encode_images, list_images, open_images, read_parquet
+from data.convert import ConvertError, encode_images, is_prompt_file, list_images, open_images, read_parquet
 from data.parts import PartsWriter, units_of_rank
 from data.schemas import columns, embedding_columns
 from data.streams import StreamError
@@ -31,7 +31,7 @@ from parallel.runtime_env import apply_runtime_defaults
 from trainer.config import RecipeError, load_recipe
 from trainer.families import build_family
 from trainer.families.prompts import (PROMPTS_PER_PART, PromptFileError, TextEncoder, check_shapes,
-                                      embedding_fields, encode_prompt_stream, is_prompt_file)
+                                      embedding_fields, encode_prompt_stream)
 
 IMAGES_PER_PART = 256
 
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         else:
             summary = encode_image_stream(recipe, family, args.input, args.out, info, args.image_column,
                                           args.caption_column, args.dtype, args.batch, args.vae)
-    except (RecipeError, PromptFileError, ConvertError, StreamError) as e:
+    except (RecipeError, ConvertError, StreamError) as e:   # PromptFileError is a ConvertError
         print(f"error: {e}", file=sys.stderr)
         return 2
     if info.is_main:

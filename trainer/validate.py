@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 
+from data.convert import PROMPT_FILE_SUFFIXES, is_prompt_file
 from parallel.dims import ParallelDims, ParallelDimsError
 from parallel.sequence import check_heads
 from trainer.families import TEACHER_PREDICTION
 from trainer.families.configs import model_config
-from trainer.families.prompts import PROMPT_FILE_SUFFIXES, is_prompt_file
 from trainer.methods import METHODS
 from trainer.methods.adm import ADMConfig
 from trainer.methods.adp import ADPConfig

@@ -9,7 +9,7 @@ import torch
 from tests.helpers import ROOT, SINGLE
 from trainer.config import load_recipe
 from trainer.families import build_family
-from trainer.families.prompts import read_prompt_texts
+from data.convert import read_prompt_texts
 from trainer.stages import prepare_prompts
 from trainer.tiny_pipeline import save_tiny_pipeline
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
+from data.convert import is_prompt_file
 from trainer.families.cogvideox import CogVideoXFamily
-from trainer.families.prompts import is_prompt_file
 from trainer.families.sd3 import SD3Family
 from trainer.families.sdxl import SDXLFamily
 from trainer.families.toy import ToyFamily

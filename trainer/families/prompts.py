@@ -29,11 +29,11 @@ import sys
 
 import diffusers
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from data.convert import ConvertError, read_prompt_texts
 from data.parts import PartsWriter, units_of_rank
 from data.schemas import EMBEDDING_PREFIX, columns, embedding_columns
 from data.streaming_import import import_streaming
@@ -42,51 +42,11 @@ from parallel.distributed import barrier, rank0_value
 
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 SOURCE_FILE = "source.json"
-PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 PROMPTS_PER_PART = 1024   # the unit of work and of resume
 
 
-class PromptFileError(ValueError):
-    """A prompt file that cannot be read; the message names the file, the line or column, and a hint."""
-
-
-def is_prompt_file(path: str) -> bool:
-    return os.path.isfile(path) and path.lower().endswith(PROMPT_FILE_SUFFIXES)
-
-
-def read_prompt_texts(path: str, column: str = "text") -> list[str]:
-    """The prompts of a text file (one per non-empty line), a jsonl file (`column`, else "prompt", per object) or a
-    parquet file (`column`). Held as a list of strings by the encoding command only (~100 B a prompt)."""
-    if path.lower().endswith(".parquet"):
-        names = pq.read_schema(path).names
-        if column not in names:
-            raise PromptFileError(f"{path}: column '{column}' not found (has {names}) (hint: pass the caption "
-                                  f"column's name, --column / family.prompt_column)")
-        texts = [t if t is not None else "" for t in pq.read_table(path, columns=[column]).column(column).to_pylist()]
-    elif path.lower().endswith(".jsonl"):
-        texts = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PromptFileError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-                text = obj.get(column, obj.get("prompt")) if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    raise PromptFileError(f"{path}:{line_no}: no string '{column}' field (hint: --column / "
-                                          f"family.prompt_column names it)")
-                texts.append(text)
-    else:
-        try:
-            with open(path, encoding="utf-8") as f:
-                texts = [line.strip() for line in f if line.strip()]
-        except UnicodeDecodeError as e:
-            raise PromptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not texts:
-        raise PromptFileError(f"{path}: no prompts")
-    return texts
+class PromptFileError(ConvertError):
+    """Prompts that cannot be encoded; the message names the file or folder, the problem, and a hint."""
 
 
 def file_digest(path: str) -> str:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from parallel.distributed import rank0_value
 from trainer.families import build_family, prompt_stream_path
-from trainer.families.prompts import encode_prompt_stream, is_prompt_file, stream_encoded_from
+from data.convert import is_prompt_file
+from trainer.families.prompts import encode_prompt_stream, stream_encoded_from
 from trainer.stages.collect import run_collect_stage
 from trainer.stages.evaluate import run_evaluate_stage
 from trainer.stages.teacher import run_teacher_stage

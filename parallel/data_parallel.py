@@ -16,6 +16,18 @@ from parallel.backend import Backend, skip_flag
 from parallel.parallelize import ParallelizePlan
 
 
+def converted(module: nn.Module, device=None, dtype=None) -> nn.Module:
+    """`module` on `device` / with floating tensors in `dtype`, converted only when some tensor differs: under the
+    planner's FakeTensorMode even a no-op `.to` / `.float()` swaps every parameter for a copy, which fails
+    ("_apply(): Couldn't swap Linear.weight")."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if device is not None and any(t.device != torch.device(device) for t in tensors):
+        module = module.to(device)
+    if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors):
+        module = module.to(dtype)
+    return module
+
+
 class DataParallelBackend(Backend):
     def __init__(self, dist_info, grad_clip: float = 10.0, ema_decay: float = 0.999,
                  plan: ParallelizePlan = ParallelizePlan()):
@@ -25,7 +37,7 @@ class DataParallelBackend(Backend):
         self.ema: nn.Module | None = None
 
     def wrap(self, role: str, module: nn.Module, trainable: bool = True) -> nn.Module:
-        module = module.to(self.dist.device)
+        module = converted(module, device=self.dist.device)
         if not trainable:
             module.requires_grad_(False).eval()
         elif self.dist.world_size > 1:
@@ -37,7 +49,7 @@ class DataParallelBackend(Backend):
         return module
 
     def setup_ema(self, role: str = "generator") -> nn.Module:
-        self.ema = copy.deepcopy(self.modules[role]).requires_grad_(False).float()
+        self.ema = converted(copy.deepcopy(self.modules[role]).requires_grad_(False), dtype=torch.float32)
         return self.ema
 
     def backward(self, loss: torch.Tensor, roles: tuple[str, ...]) -> None:

@@ -79,17 +79,21 @@ def student_scheduler(recipe, denoiser):
     return scheduler, extra
 
 
-def sampling_arguments(recipe, family, extra: dict) -> dict:
-    """The stock call's keyword arguments (besides prompts, generator and output type)."""
+def sampling_arguments(recipe, family, extra: dict, pipeline) -> dict:
+    """The stock call's keyword arguments (besides prompts, generator and output type). The T5 token count is the
+    one the student was trained with: a text prompt is then encoded as in training (the pipelines' defaults, 256 for
+    SD3 and 226 for CogVideoX, hold only when the recipe's prompt_length says so)."""
     args = {"num_inference_steps": recipe.distill.generator.num_steps, "guidance_scale": 1.0, **extra}
     f = recipe.family
     if f.name == "sdxl":
         # the pipeline's default original_size = target_size = (height, width) are the family's time ids
         args.update(height=f.resolution, width=f.resolution)
     elif f.name == "sd3":
-        args.update(height=f.resolution, width=f.resolution)
+        args.update(height=f.resolution, width=f.resolution,
+                    max_sequence_length=f.prompt_length - pipeline.tokenizer_max_length)   # CLIP tokens, then T5's
     else:
-        args.update(height=f.height, width=f.width, num_frames=f.frames, use_dynamic_cfg=False)
+        args.update(height=f.height, width=f.width, num_frames=f.frames, use_dynamic_cfg=False,
+                    max_sequence_length=family.prompt_length)
     return args
 
 
@@ -152,7 +156,7 @@ def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32", ch
     denoiser_key = "unet" if recipe.family.name == "sdxl" else "transformer"
     pipeline = cls.from_pretrained(recipe.teacher.pretrained, **{denoiser_key: student, "scheduler": scheduler})
     pipeline.save_pretrained(out)
-    call = sampling_arguments(recipe, family, extra)
+    call = sampling_arguments(recipe, family, extra, pipeline)
     with open(os.path.join(out, SAMPLING_FILE), "w") as f:
         json.dump(call, f, indent=2)
     return call

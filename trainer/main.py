@@ -38,14 +38,27 @@ def parse_args(argv):
                         help="validate the recipe, print it and its memory plan (meta device, fake tensors); "
                              "no weights, no training")
     parser.add_argument("--world-size", type=int, default=None,
-                        help="--dry-run: plan for this many ranks (default: WORLD_SIZE, else 1)")
+                        help="--dry-run: plan for this many ranks (default: WORLD_SIZE, else the recipe's launch "
+                             "section's nodes x gpus_per_node when it has one, else 1)")
     parser.add_argument("--no-trace", action="store_true",
                         help="--dry-run: model states only, skip tracing a step for activations")
     return parser.parse_intermixed_args(argv)   # overrides may follow the flags
 
 
+def planned_world_size(args, recipe) -> tuple[int, str]:
+    """The ranks a dry run plans for, and where the number came from."""
+    if args.world_size:
+        return args.world_size, "--world-size"
+    if os.environ.get("WORLD_SIZE"):
+        return int(os.environ["WORLD_SIZE"]), "WORLD_SIZE"
+    if "launch" in recipe.model_fields_set:   # written in the recipe (or an override), not the defaults
+        return recipe.launch.nodes * recipe.launch.gpus_per_node, "launch: nodes x gpus_per_node"
+    return 1, "no --world-size, WORLD_SIZE or launch section"
+
+
 def dry_run_plan(args, recipe) -> int:
-    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    world_size, source = planned_world_size(args, recipe)
+    print(f"planning for {world_size} ranks ({source})")
     try:
         check_launch(recipe, world_size, "cuda" if recipe.parallel.attention == "xformers" else "cpu", args.recipe)
     except RecipeError as e:

@@ -330,7 +330,7 @@ class StageTrainer:
         loop = self.loop
         monitor = Monitor(f"{self.stage_dir}/tb", self.dist.is_main, loop.steps, self.step, self.stage_name)
         if resumed and self.dist.is_main:
-            monitor.bar.write(f"[{self.stage_name}] resumed at step {self.step} ({self.samples_seen} samples seen)")
+            monitor.line(f"[{self.stage_name}] resumed at step {self.step} ({self.samples_seen} samples seen)")
         sums: dict = defaultdict(list)
         window_start, window_steps = time.perf_counter(), 0
         hang_rank, _, hang_step = os.environ.get("DMDX_FAULT_HANG_AT_STEP", "-1:-1").partition(":")

@@ -103,8 +103,13 @@ def test_sdxl_dmd2_reads_prompt_and_real_streams_and_resumes_on_another_world_si
               f"data.real_remote={real}", "distill.train.batch_size=4", "distill.train.checkpoint_every=2", *DMD2]
     out = tmp_path / "out"
     out.mkdir()
-    launch(2, WORKER, str(out), "first", *common, "distill.train.steps=2")
+    first_run = launch(2, WORKER, str(out), "first", *common, "distill.train.steps=2")
     launch(1, WORKER, str(out), "resumed", *common, "distill.train.steps=4")
+    # not a terminal: one plain progress line per logging step (log_every 1), not a redrawn bar
+    lines = [line for line in first_run.stdout.splitlines() if line.startswith("[distill:dmd2] step ")]
+    assert [line.split(" loss ")[0] for line in lines] == ["[distill:dmd2] step 1/2 (50.0%)",
+                                                          "[distill:dmd2] step 2/2 (100.0%)"], first_run.stdout
+    assert "critic=" in lines[0] and "ETA 0:00:" in lines[0]
     first = [json.loads((out / f"first_rank{r}.json").read_text()) for r in (0, 1)]
     resumed = json.loads((out / "resumed_rank0.json").read_text())
     assert resumed["step"] == 4

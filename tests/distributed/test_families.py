@@ -62,6 +62,16 @@ def stock_output(export_dir, family, labels, seed):
     return out.frames if hasattr(out, "frames") else out.images
 
 
+def stock_text_output(export_dir, family):
+    from trainer.export import SAMPLING_FILE, pipeline_class
+    pipeline = pipeline_class(family.cfg.name).from_pretrained(export_dir)
+    with open(os.path.join(export_dir, SAMPLING_FILE)) as f:
+        call = json.load(f)
+    out = pipeline(prompt=["a red fox in the snow"], **call, generator=torch.Generator().manual_seed(0),
+                   output_type="latent")
+    return out.frames if hasattr(out, "frames") else out.images
+
+
 # SDXL's ADM steps under ZeRO-3 run in tests/distributed/test_dmdx_sdxl.py (after ADP, from its student); the
 # SDXL case here under FSDP2 covers the DMD2-style eps student's export (41 s of CI saved). CogVideoX-5B's ADM steps
 # under ZeRO-3 run in tests/distributed/test_sequence_parallel.py (SP = 1 and 2); its export is checked here under
@@ -95,6 +105,9 @@ def test_tiny_twin_trains_on_two_ranks_and_exports_to_the_stock_pipeline(pipelin
     assert labels.tolist() == [2, 5, 2]
     got = stock_output(str(out), family, labels, 11)
     assert got.shape == reference["samples"].shape
+    # a text prompt with exactly the written arguments: encoded at the trained token count (the tiny twins' 8 T5
+    # tokens, not the pipelines' default 256 / 226, which the tiny denoisers would refuse)
+    assert stock_text_output(str(out), family).shape[1:] == got.shape[1:]
     difference = (got - torch.from_numpy(reference["samples"])).abs().max().item()
     assert difference < 1e-4, difference
     assert got.abs().max() > 0.1    # not a degenerate all-zero sample

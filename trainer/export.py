@@ -18,8 +18,10 @@ own K-step sampler (trainer/sampling.py: predict x0, re-noise with fresh noise t
   `FlowMatchEulerDiscreteScheduler` lacks); its single step is x0 = x_T - v(x_T, 1000).
 
 Call arguments that the stock pipeline needs besides the folder go to DIR/dmdx_sampling.json (steps, guidance 1 —
-the student needs no CFG — sizes, and the sigmas / timesteps above); the command prints the call. An existing
-non-empty DIR is refused: nothing is overwritten.
+the student needs no CFG — sizes, the T5 token count it was trained with, and the sigmas / timesteps above); the
+command prints the call. DIR/README.md is the model card (trainer/model_card.py): teacher, method, steps, a code block
+that runs the export, the run's metrics, recipe and provenance. An existing non-empty DIR is refused: nothing is
+overwritten.
 """
 from __future__ import annotations
 
@@ -30,17 +32,21 @@ import sys
 
 import diffusers
 import torch
+from peft import get_peft_model_state_dict
 
 from parallel.offline import checkpoint_weights
 from parallel.runtime_env import apply_runtime_defaults
 from trainer.checkpoint import STEP_PREFIX, Checkpointer, problems
 from trainer.config import load_recipe
-from trainer.families import build_family
-from trainer.lora import add_lora, fuse
+from trainer.families import build_family, prompt_stream_path
+from trainer.families.prompts import StreamPromptTable
+from trainer.lora import add_lora, fuse, peft_config
+from trainer.model_card import model_card
 from trainer.stages.artifacts import GENERATOR_FILE, final_stage, stage_student_path
 from trainer.stages.roles import build_generator_denoiser, build_generator_module, load_student_weights
 
 SAMPLING_FILE = "dmdx_sampling.json"
+CARD_FILE = "README.md"   # the model card (trainer/model_card.py)
 
 
 def pipeline_class(family_name: str):
@@ -120,10 +126,17 @@ def checkpoint_folder(run_dir: str, stage: str, name: str) -> str:
     return folder
 
 
-def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32", checkpoint: str | None = None) -> dict:
+def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32", checkpoint: str | None = None,
+           lora_only: bool = False) -> dict:
+    """The student as a pipeline folder in `out`; lora_only: a LoRA student's adapters alone, in the format diffusers'
+    `load_lora_weights` reads, with the student's scheduler (to load beside the teacher pipeline)."""
     recipe = load_recipe(os.path.join(run_dir, "config.yaml"))
     if recipe.family.name == "toy":
         raise ValueError("the toy family has no diffusers pipeline (hint: python -m trainer.sample draws its samples)")
+    lora = recipe.distill.generator.lora
+    if lora_only and lora is None:
+        raise ValueError(f"{run_dir}: --lora: the run trained no LoRA adapters (distill.generator.lora is not set) "
+                         f"(hint: export the whole student, without --lora)")
     stage = final_stage(recipe) or "distill"
     if checkpoint is not None:   # an unfinished run: the weights from a checkpoint of whichever backend wrote it
         folder = checkpoint_folder(run_dir, stage, checkpoint)
@@ -144,22 +157,50 @@ def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32", ch
     stock = family.denoiser_class.__mro__[1]          # the diffusers class the student subclass extends
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     student = stock.from_config(family.config)
-    lora = recipe.distill.generator.lora
-    if lora is not None:   # adapters trained on the frozen base: fused into it, then dropped
-        load_student_weights(add_lora(student, lora), path)
-        fuse(student)
-    else:
-        load_student_weights(student, path)
-    student.to(torch_dtype)
     scheduler, extra = student_scheduler(recipe, denoiser)
     cls = pipeline_class(recipe.family.name)
     denoiser_key = "unet" if recipe.family.name == "sdxl" else "transformer"
-    pipeline = cls.from_pretrained(recipe.teacher.pretrained, **{denoiser_key: student, "scheduler": scheduler})
-    pipeline.save_pretrained(out)
+    if lora is not None:   # adapters trained on the frozen base: fused into it, then dropped
+        load_student_weights(add_lora(student, lora), path)
+        if lora_only:
+            save_adapters(cls, denoiser_key, student.to(torch_dtype), lora, out)
+            scheduler.save_pretrained(os.path.join(out, "scheduler"))
+            pipeline = cls.from_pretrained(recipe.teacher.pretrained, **{denoiser_key: None, "vae": None})
+        else:
+            fuse(student)
+    else:
+        load_student_weights(student, path)
+    if not lora_only:
+        student.to(torch_dtype)
+        pipeline = cls.from_pretrained(recipe.teacher.pretrained, **{denoiser_key: student, "scheduler": scheduler})
+        pipeline.save_pretrained(out)
     call = sampling_arguments(recipe, family, extra, pipeline)
     with open(os.path.join(out, SAMPLING_FILE), "w") as f:
         json.dump(call, f, indent=2)
+    card = model_card(recipe, run_dir, out, cls.__name__, call, SAMPLING_FILE, example_prompt(recipe, run_dir),
+                      weights, checkpoint, lora_base=recipe.teacher.pretrained if lora_only else None,
+                      scheduler_class=type(scheduler).__name__)
+    with open(os.path.join(out, CARD_FILE), "w") as f:
+        f.write(card)
     return call
+
+
+def save_adapters(cls, denoiser_key: str, student, lora, out: str) -> None:
+    """The adapters of a peft-adapted denoiser through the pipeline class's own `save_lora_weights`, in peft's key
+    layout (`lora_A` / `lora_B`, as diffusers' own LoRA training scripts save them: its `convert_state_dict_to_
+    diffusers` would rename attention layers' keys to the old `lora.down` layout, which `load_lora_weights` then
+    skips), with the LoRA config as metadata so the recipe's alpha / rank apply."""
+    layers = get_peft_model_state_dict(student)
+    cls.save_lora_weights(out, **{f"{denoiser_key}_lora_layers": layers,
+                                  f"{denoiser_key}_lora_adapter_metadata": peft_config(lora).to_dict()})
+
+
+def example_prompt(recipe, run_dir: str) -> str:
+    """The card's example: the run's first prompt when it trained on encoded prompts."""
+    stream = prompt_stream_path(recipe, run_dir)
+    if stream is not None and os.path.isfile(os.path.join(stream, "index.json")):
+        return StreamPromptTable(stream, {}).texts([0])[0]
+    return "a photograph of a red fox in fresh snow"
 
 
 def main(argv=None) -> int:
@@ -171,6 +212,8 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help="the EMA student (default) or the "
                         "raw generator weights")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="the student's saved dtype")
+    parser.add_argument("--lora", action="store_true", help="a LoRA student's adapters alone (diffusers' "
+                        "load_lora_weights format) and its scheduler, to load beside the teacher pipeline")
     parser.add_argument("--checkpoint", default=None, help="export an unfinished run from a checkpoint of its last "
                         "training stage: 'latest' or a step folder (step_0000120), written by any backend")
     args = parser.parse_args(argv)
@@ -184,7 +227,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        call = export(args.run_dir, args.out, args.weights, args.dtype, args.checkpoint)
+        call = export(args.run_dir, args.out, args.weights, args.dtype, args.checkpoint, args.lora)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,10 @@ PROMPTS = os.path.join(ROOT, "recipes", "prompts", "tiny.txt")
 # embeddings); the others encode the prompt file with the pipeline's text encoders and use the empty prompt
 RUNS = {
     "sdxl_tiny": ("sdxl_tiny.yaml", []),
-    "sd3_medium_tiny": ("sd3_medium_tiny.yaml", [f"family.prompts={PROMPTS}", "family.uncond=empty_prompt"]),
+    # float32 prompts: the model card's text prompt encodes to the stored rows; a large LoRA learning rate: the
+    # adapters move the student visibly away from the teacher in 3 steps (the adapter export's check needs it)
+    "sd3_medium_tiny": ("sd3_medium_tiny.yaml", [f"family.prompts={PROMPTS}", "family.uncond=empty_prompt",
+                                                 "family.prompt_dtype=float32", "distill.optimizer.generator.lr=1.0e-2"]),
     "sd35_large_tiny": ("sd35_large_tiny.yaml", [f"family.prompts={PROMPTS}"]),
     "cogvideox_2b_tiny": ("cogvideox_2b_tiny.yaml", [f"family.prompts={PROMPTS}", "family.uncond=empty_prompt"]),
     "cogvideox_5b_tiny": ("cogvideox_5b_tiny.yaml", [f"family.prompts={PROMPTS}"]),
@@ -46,10 +49,20 @@ def train(run_dir, model, pipeline, backend):
     return result
 
 
-def stock_output(export_dir, family, labels, seed):
-    """The exported folder through the stock pipeline class, with the family's embeddings of `labels`."""
+def stock_output(export_dir, family, labels, seed, base=None, adapters=True):
+    """The exported folder through the stock pipeline class, with the family's embeddings of `labels`. base: the
+    export holds LoRA adapters only: the base pipeline with the export's scheduler, then `load_lora_weights`."""
     from trainer.export import SAMPLING_FILE, pipeline_class
-    pipeline = pipeline_class(family.cfg.name).from_pretrained(export_dir)
+    if base is None:
+        pipeline = pipeline_class(family.cfg.name).from_pretrained(export_dir)
+    else:
+        import diffusers
+        with open(os.path.join(export_dir, "scheduler", "scheduler_config.json")) as f:
+            scheduler_class = getattr(diffusers, json.load(f)["_class_name"])
+        scheduler = scheduler_class.from_pretrained(export_dir, subfolder="scheduler")
+        pipeline = pipeline_class(family.cfg.name).from_pretrained(base, scheduler=scheduler)
+        if adapters:
+            pipeline.load_lora_weights(export_dir)
     with open(os.path.join(export_dir, SAMPLING_FILE)) as f:
         call = json.load(f)
     emb = family.embeddings(labels)
@@ -99,6 +112,8 @@ def test_tiny_twin_trains_on_two_ranks_and_exports_to_the_stock_pipeline(pipelin
     same_denoiser(out, from_checkpoint)
     if model == "sd3_medium_tiny":   # its recipe trains LoRA adapters: the base weights are the teacher's, bit for bit
         check_lora_student(run_dir, folders[model])
+        if backend == "fsdp2":
+            check_model_card(run_dir, out, root)
     reference = np.load(samples)
     recipe, family, _, _ = load_student(str(run_dir))
     labels = torch.tensor(reference["labels"])
@@ -108,9 +123,39 @@ def test_tiny_twin_trains_on_two_ranks_and_exports_to_the_stock_pipeline(pipelin
     # a text prompt with exactly the written arguments: encoded at the trained token count (the tiny twins' 8 T5
     # tokens, not the pipelines' default 256 / 226, which the tiny denoisers would refuse)
     assert stock_text_output(str(out), family).shape[1:] == got.shape[1:]
+    if model == "sd3_medium_tiny" and backend == "fsdp2":   # LoRA adapters alone, into the teacher's pipeline
+        lora_out = root / f"export_{model}_{backend}_lora"
+        assert export_main([str(run_dir), "--out", str(lora_out), "--lora"]) == 0
+        adapted = stock_output(str(lora_out), family, labels, 11, base=folders[model])
+        teacher = stock_output(str(lora_out), family, labels, 11, base=folders[model], adapters=False)
+        off, moved = (adapted - got).abs().max().item(), (teacher - got).abs().max().item()
+        print(f"LoRA export vs fused: {off:.1e}; teacher vs fused: {moved:.1e}")
+        assert off < 1e-4 and moved > 20 * off   # the adapters load, and they matter
     difference = (got - torch.from_numpy(reference["samples"])).abs().max().item()
     assert difference < 1e-4, difference
     assert got.abs().max() > 0.1    # not a degenerate all-zero sample
+
+
+def check_model_card(run_dir, export_dir, root):
+    """The export's README.md: its code block, run as written, draws the sample trainer.sample draws for the same
+    prompt (the run's prompt 0) and seed, decoded by the same VAE; it carries the run's provenance."""
+    import re
+    from trainer.sample import main as sample_main
+    card = (export_dir / "README.md").read_text()
+    provenance = json.loads((run_dir / "provenance.jsonl").read_text().splitlines()[-1])
+    assert "## Provenance" in card and provenance["source_sha256"] in card and "## Recipe" in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    namespace = {}
+    exec(code, namespace)   # noqa: S102  (the card's own code, as a user would run it)
+    pipe, sample = namespace["pipe"], namespace["sample"]
+    latents_file = root / "card_latents.npz"
+    assert sample_main([str(run_dir), "--num", "1", "--seed", "0", "--prompt-ids", "0", "--out", str(latents_file)]) == 0
+    latents = torch.from_numpy(np.load(latents_file)["samples"])
+    vae = pipe.vae
+    with torch.no_grad():
+        decoded = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+    expected = np.asarray(pipe.image_processor.postprocess(decoded, output_type="pil")[0], dtype=np.int16)
+    assert np.abs(np.asarray(sample, dtype=np.int16) - expected).max() <= 1   # equal up to uint8 rounding
 
 
 def check_lora_student(run_dir, pipeline):

@@ -19,8 +19,8 @@ own K-step sampler (trainer/sampling.py: predict x0, re-noise with fresh noise t
 
 Call arguments that the stock pipeline needs besides the folder go to DIR/dmdx_sampling.json (steps, guidance 1 —
 the student needs no CFG — sizes, the T5 token count it was trained with, and the sigmas / timesteps above); the
-command prints the call. DIR/README.md is the model card (trainer/model_card.py): teacher, method, steps, a code block
-that runs the export, the run's metrics, recipe and provenance. An existing non-empty DIR is refused: nothing is
+command prints the call. README.md in DIR is the model card (trainer/model_card.py): teacher, method, steps, a code
+block that runs the export, the run's metrics, recipe and provenance. An existing non-empty DIR is refused: nothing is
 overwritten.
 """
 from __future__ import annotations

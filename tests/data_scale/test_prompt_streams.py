@@ -210,3 +210,8 @@ def test_bad_inputs_get_one_line_and_change_nothing(pipeline, tmp_path, capsys):
     refused(lambda: train_main([SDXL, f"run.dir={tmp_path / 'run'}", f"teacher.pretrained={pipeline}",
                                 f"data.real_remote={tmp_path / 'real'}", *DMD2]),
             "real", "no emb_encoder_hidden_states column", "trainer.prepare images")
+    # the empty prompt's branch asked for, and a stream without the empty prompt's embeddings: not zeros, a line
+    prompts = write_embedded_stream(str(tmp_path / "no_empty"), "prompts", 8, sdxl_tiny_embedding_shapes())
+    refused(lambda: train_main([SDXL, f"run.dir={tmp_path / 'run2'}", f"teacher.pretrained={pipeline}",
+                                f"family.prompts={prompts}", "family.uncond=empty_prompt"]),
+            "no_empty", "no empty_prompt.safetensors", "trainer.prepare prompts")

@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
+from data.streams import StreamError
 from data.toy import class_labels_for
 from parallel.loading import StateSource, resolve_model_dir
 from trainer.families.configs import load_config
@@ -54,7 +55,11 @@ class LatentFamily(ABC):
         else:
             self.prompts = RandomPromptTable(self.embedding_shapes(), cfg.num_prompts, cfg.prompt_seed)
         # the null branch: the encoded empty prompt with `uncond: empty_prompt`, else zeros (null_embeddings)
-        self.empty_prompt = self.prompts.empty if getattr(cfg, "uncond", "zeros") == "empty_prompt" else None
+        wants_empty = getattr(cfg, "uncond", "zeros") == "empty_prompt"
+        self.empty_prompt = self.prompts.empty if wants_empty else None
+        if prompt_stream is not None and wants_empty and self.empty_prompt is None:
+            raise StreamError(f"{prompt_stream}: family.uncond: empty_prompt, but the prompt stream has no "
+                              f"empty_prompt.safetensors (hint: encode it with python -m trainer.prepare prompts)")
         self._device_empty = {}   # device -> the empty prompt's rows there: moved once, not per step
 
     @property

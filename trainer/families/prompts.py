@@ -13,7 +13,8 @@ prompt file), `text`, `label` (-1), and `emb_<input>` per conditioning input of 
 `embedding_shapes()`), float16 by default (MDS has no bfloat16; fp16 keeps CLIP's and T5's outputs, which are
 layer-normed, to ~1e-3 relative) or float32. Beside index.json: `empty_prompt.safetensors` (the empty prompt's
 embeddings, fp32: the `uncond: empty_prompt` null branch) and `source.json` (the prompt file's sha256 and the
-encoding settings: a stream encoded from another file or with other settings is re-encoded, never mixed).
+encoding settings: a run dir's stream encoded from another file or with other settings is encoded again, a stream
+the user made is refused as an output; never mixed).
 
 Without `family.prompts` the family conditions on a small table of unit-variance random rows (`RandomPromptTable`:
 tiny twins, benchmarks, the planner), at most `family.num_prompts` <= 4096 rows.

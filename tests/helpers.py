@@ -63,6 +63,24 @@ def saved_vision(kind: str, folder: str) -> str:
     return folder
 
 
+def saved_clip(folder: str, seed: int = 3) -> str:
+    """A tiny random CLIP (text + vision, 32 px) with a byte-level tokenizer, saved with save_pretrained. Seed 3
+    gives positive image-text cosines on random images (scores above CLIP score's clamp at 0)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    from trainer.tiny_pipeline import byte_level_tokenizer
+    tokenizer = byte_level_tokenizer(16)
+    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    torch.manual_seed(seed)
+    CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+              ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def tiny_sdxl_pipeline(folder: str) -> str:
     """A diffusers-layout folder with the tiny twin's random UNet (unet/) and VAE (vae/)."""
     from diffusers import AutoencoderKL

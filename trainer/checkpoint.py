@@ -208,3 +208,26 @@ class Checkpointer:
     def load_extra(path: str) -> dict:
         with open(os.path.join(path, EXTRA)) as f:
             return json.load(f)
+
+
+def checkpoint_folder(run_dir: str, stage: str, name: str) -> str:
+    """`latest` (the newest checkpoint that verifies, above) or a step folder name (step_0000120),
+    which must verify too: a temp folder or a damaged checkpoint is refused with one line."""
+    checkpointer = Checkpointer(os.path.join(run_dir, stage), keep_last=1)
+    root = checkpointer.root
+    if name == "latest":
+        folder = checkpointer.newest_verified()
+        if folder is None:
+            raise FileNotFoundError(f"{root}: no checkpoint that verifies (hint: the stage writes one every "
+                                    f"train.checkpoint_every steps)")
+        return folder
+    folder = os.path.join(root, name)
+    if not name.startswith(STEP_PREFIX) or os.sep in name or not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such checkpoint (hint: --checkpoint latest, or one of "
+                                f"{sorted(checkpointer.step_folders())})" if os.path.isdir(root)
+                                else f"{root}: no checkpoints")
+    found = problems(folder)
+    if found:
+        raise FileNotFoundError(f"{folder}: not a complete checkpoint: {'; '.join(found[:3])} (hint: --checkpoint "
+                                f"latest takes the newest that verifies)")
+    return folder

@@ -36,7 +36,7 @@ from peft import get_peft_model_state_dict
 
 from parallel.offline import checkpoint_weights
 from parallel.runtime_env import apply_runtime_defaults
-from trainer.checkpoint import STEP_PREFIX, Checkpointer, problems
+from trainer.checkpoint import checkpoint_folder
 from trainer.config import load_recipe
 from trainer.families import build_family, prompt_stream_path
 from trainer.families.prompts import StreamPromptTable
@@ -101,29 +101,6 @@ def sampling_arguments(recipe, family, extra: dict, pipeline) -> dict:
         args.update(height=f.height, width=f.width, num_frames=f.frames, use_dynamic_cfg=False,
                     max_sequence_length=family.prompt_length)
     return args
-
-
-def checkpoint_folder(run_dir: str, stage: str, name: str) -> str:
-    """`latest` (the newest checkpoint that verifies, trainer/checkpoint.py) or a step folder name (step_0000120),
-    which must verify too: a temp folder or a damaged checkpoint is refused with one line."""
-    checkpointer = Checkpointer(os.path.join(run_dir, stage), keep_last=1)
-    root = checkpointer.root
-    if name == "latest":
-        folder = checkpointer.newest_verified()
-        if folder is None:
-            raise FileNotFoundError(f"{root}: no checkpoint that verifies (hint: the stage writes one every "
-                                    f"train.checkpoint_every steps)")
-        return folder
-    folder = os.path.join(root, name)
-    if not name.startswith(STEP_PREFIX) or os.sep in name or not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such checkpoint (hint: --checkpoint latest, or one of "
-                                f"{sorted(checkpointer.step_folders())})" if os.path.isdir(root)
-                                else f"{root}: no checkpoints")
-    found = problems(folder)
-    if found:
-        raise FileNotFoundError(f"{folder}: not a complete checkpoint: {'; '.join(found[:3])} (hint: --checkpoint "
-                                f"latest takes the newest that verifies)")
-    return folder
 
 
 def export(run_dir: str, out: str, weights: str = "ema", dtype: str = "fp32", checkpoint: str | None = None,

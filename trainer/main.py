@@ -78,8 +78,13 @@ def print_summary(run_dir: str, metrics: dict | None, seconds: float, log) -> No
     log(f"  tensorboard: tensorboard --logdir {run_dir}")
     if metrics is None:
         return
-    s, t = metrics["student"], metrics["teacher"]
     log(f"  metrics:     {run_dir}/evaluate/metrics.json")
+    if "student" not in metrics:   # a latent family (trainer/latent_evaluation.py)
+        log(f"  samples:     {run_dir}/evaluate/samples.png")
+        log("  " + ", ".join(f"{k} {metrics[k]:.4g}" for k in ("fd_dinov2", "clip_score") if k in metrics)
+            + f" ({metrics['prompt_set']}; FD reference: {metrics.get('fd_reference')})")
+        return
+    s, t = metrics["student"], metrics["teacher"]
     log(f"  samples:     {run_dir}/evaluate/student_samples.png, {run_dir}/evaluate/teacher_samples.png")
     log(f"  student FD {s['fd']:.4g} (precision {s['precision']:.3f}, recall {s['recall']:.3f}) vs teacher "
         f"FD {t['fd']:.4g} (precision {t['precision']:.3f}, recall {t['recall']:.3f}); "

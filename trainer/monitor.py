@@ -86,6 +86,10 @@ class Monitor:
         if self.enabled:
             self.writer.add_image(tag, hwc, step, dataformats="HWC")
 
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, markdown, step)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

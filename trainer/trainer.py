@@ -89,6 +89,8 @@ class StageTrainer:
         self.data_source, self.prompt_source = data_source, prompt_source
         self.provenance = provenance or {}   # this attempt's record (trainer/provenance.py), in every checkpoint
         self.after_phase = None              # optional hook(step, phase, loss_out): tests record each phase here
+        self.run_text: dict[str, str] = {}   # tensorboard text written at the start (the recipe, provenance)
+        self.in_loop_eval = None             # eval.every: trainer/latent_evaluation.py InLoopEvaluation
         if guards_cfg is None:
             guards_cfg = GuardsConfig()
         self.guards = Guards(guards_cfg)
@@ -282,6 +284,19 @@ class StageTrainer:
         if self.dist.is_main:
             monitor.image("samples/grid", self.family.render_grid(samples), self.step)
 
+    def evaluate_in_loop(self, monitor: Monitor) -> None:
+        """eval.every: the EMA weights' metrics (collective). The EMA is gathered whole on every rank: a
+        full-parameter gather, at the evaluation cadence only, never inside a step."""
+        metrics, grid = self.in_loop_eval(self.backend.full_state("ema"))
+        if not self.dist.is_main:
+            return
+        scores = {f"eval/{k}": metrics[k] for k in ("fd_dinov2", "clip_score") if k in metrics}
+        for key, value in scores.items():
+            monitor.writer.add_scalar(key, value, self.step)
+        monitor.image("eval/samples" if metrics["frames_per_sample"] == 1 else "eval/frames", grid, self.step)
+        monitor.line(f"[{self.stage_name}] eval at step {self.step}: "
+                     + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in scores.items()))
+
     def stop_here(self, request: int) -> None:
         """Act on a stop request at this step boundary: checkpoint (unless this step just wrote one), then stop."""
         if self.saved_step != self.step:
@@ -331,6 +346,8 @@ class StageTrainer:
         monitor = Monitor(f"{self.stage_dir}/tb", self.dist.is_main, loop.steps, self.step, self.stage_name)
         if resumed and self.dist.is_main:
             monitor.line(f"[{self.stage_name}] resumed at step {self.step} ({self.samples_seen} samples seen)")
+        for tag, text in self.run_text.items():
+            monitor.text(tag, text, self.step)
         sums: dict = defaultdict(list)
         window_start, window_steps = time.perf_counter(), 0
         hang_rank, _, hang_step = os.environ.get("DMDX_FAULT_HANG_AT_STEP", "-1:-1").partition(":")
@@ -370,6 +387,8 @@ class StageTrainer:
                     self.log_sample_grid(monitor)
                 if self.step % loop.checkpoint_every == 0 or self.step == loop.steps:
                     self.save()
+                if self.in_loop_eval is not None and self.in_loop_eval.due(self.step):
+                    self.evaluate_in_loop(monitor)   # after the checkpoint: a fault in it loses no training
                 request = self.stops.poll()   # every step: Slurm's SIGKILL follows SIGTERM within KillWait seconds
                 if request:
                     self.stop_here(request)

@@ -73,10 +73,7 @@ def check_recipe(recipe, path: str, provenance: dict | None = None) -> None:
         if bad or not family.taps:
             fail("family.taps", f"tap indices must lie in [0, {depth}) (got {family.taps})", "taps are block indices")
     else:
-        if "evaluate" in recipe.stages:
-            fail("stages", f"the evaluate stage measures the toy families (FD against their data); family "
-                           f"'{family.name}' has no such data here", "drop 'evaluate'; export the student with "
-                           "python -m trainer.export and score it with your own pipeline")
+        check_latent_eval(recipe, fail)
         if "teacher" in recipe.stages:
             fail("stages", f"the teacher stage trains toy teachers only; family '{family.name}' distills a "
                            f"pretrained one", "drop 'teacher' from stages and set teacher.pretrained")
@@ -133,6 +130,29 @@ def check_recipe(recipe, path: str, provenance: dict | None = None) -> None:
         fail("stages", f"stages must be a subset in the order {STAGE_ORDER}", "e.g. [teacher, distill, evaluate]")
     check_pretrain(recipe, fail)
     check_optimizers(recipe, provenance, path)
+
+
+def check_latent_eval(recipe, fail, always: bool = False) -> None:
+    """A latent family's evaluation (the evaluate stage, eval.every; always: python -m trainer.evaluate) scores
+    decoded samples with the feature models the recipe names (docs/evaluation.md); the CLIP score needs each
+    prompt's text."""
+    ev, family = recipe.eval, recipe.family
+    if "evaluate" not in recipe.stages and not ev.every and not always:
+        return
+    key = "stages" if "evaluate" in recipe.stages else "eval.every" if ev.every else "eval.dinov2"
+    if ev.dinov2 is None and ev.clip is None:
+        fail(key, f"evaluating family '{family.name}' needs a feature model", "set eval.dinov2 (FD-DINOv2) and / or "
+             "eval.clip (CLIP score): local folders or cached hub ids")
+    if ev.clip is not None and ev.prompts is None and family.prompts is None:
+        fail("eval.clip", "the CLIP score compares each sample with its prompt's text, and the run has no prompt texts",
+             "set eval.prompts or family.prompts (a prompt file or an encoded stream)")
+    if ev.prompts is not None and not (is_prompt_file(ev.prompts)
+                                       or os.path.isfile(os.path.join(ev.prompts, "index.json"))):
+        fail("eval.prompts", f"'{ev.prompts}' is neither a prompt file nor an encoded prompt stream",
+             f"a local {', '.join(PROMPT_FILE_SUFFIXES)} file, or a folder python -m trainer.prepare prompts wrote")
+    if ev.reference is not None and not os.path.isfile(ev.reference):
+        fail("eval.reference", f"file '{ev.reference}' not found", "python -m trainer.reference_stats writes one; or "
+             "drop eval.reference to compare with the teacher's samples")
 
 
 def check_sequence_parallel(recipe, fail) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.distributed.test_data_parallel import ENV, free_port
-from tests.helpers import ROOT
+from tests.helpers import ROOT, saved_clip, saved_vision
 from trainer.tiny_pipeline import save_tiny_pipeline
 
 PROMPTS = os.path.join(ROOT, "recipes", "prompts", "tiny.txt")
@@ -34,11 +34,20 @@ RUNS = {
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
     root = tmp_path_factory.mktemp("family_pipelines")
+    saved_vision("dinov2", str(root / "dinov2"))   # the evaluation's feature models: tiny, random
+    saved_clip(str(root / "clip"))
     return root, {model: save_tiny_pipeline(model, str(root / model)) for model in RUNS}
 
 
-def train(run_dir, model, pipeline, backend):
+def eval_settings(root) -> list[str]:
+    """Tiny evaluation: 8 samples over the 2 ranks, DINOv2 at 56 px, the teacher's reference in 4 steps."""
+    return [f"eval.dinov2={root / 'dinov2'}", f"eval.clip={root / 'clip'}", "eval.num_samples=8",
+            "eval.resolution=56", "eval.batch_size=4"]
+
+
+def train(run_dir, model, pipeline, backend, evaluate=()):
     recipe, extra = RUNS[model]
+    extra = [*extra, *evaluate]
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
             "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "trainer.main",
             os.path.join(ROOT, "recipes", "tiny", recipe), f"run.dir={run_dir}", f"teacher.pretrained={pipeline}",
@@ -100,7 +109,15 @@ def test_tiny_twin_trains_on_two_ranks_and_exports_to_the_stock_pipeline(pipelin
     from trainer.stages.students import load_student
     root, folders = pipelines
     run_dir = root / f"run_{model}_{backend}"
-    train(run_dir, model, folders[model], backend)
+    # SDXL: the evaluate stage and in-loop evaluation at step 3, on held-out prompts (its training prompts are the
+    # random table, which has no texts)
+    evaluate = ([*eval_settings(root), "stages=[distill,evaluate]", "eval.every=3", f"eval.prompts={PROMPTS}",
+                 "teacher.sampler_steps=4"] if model == "sdxl_tiny" else [])
+    train(run_dir, model, folders[model], backend, evaluate)
+    if model == "sdxl_tiny":
+        check_sdxl_evaluation(run_dir)
+    if model == "cogvideox_2b_tiny" and backend == "zero3":
+        check_video_evaluation(run_dir, root)
     samples = root / f"samples_{model}_{backend}.npz"
     assert sample_main([str(run_dir), "--num", "3", "--seed", "11", "--prompt-ids", "2,5", "--out", str(samples)]) == 0
     out = root / f"export_{model}_{backend}"
@@ -134,6 +151,56 @@ def test_tiny_twin_trains_on_two_ranks_and_exports_to_the_stock_pipeline(pipelin
     difference = (got - torch.from_numpy(reference["samples"])).abs().max().item()
     assert difference < 1e-4, difference
     assert got.abs().max() > 0.1    # not a degenerate all-zero sample
+
+
+def evaluate_checkpoint(run_dir, *overrides) -> dict:
+    """`python -m trainer.evaluate RUN --checkpoint latest` on 2 ranks -> the checkpoint's metrics.json."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "trainer.evaluate", str(run_dir), "--checkpoint",
+            "latest", *overrides]
+    result = subprocess.run(args, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(run_dir / "evaluate" / "step_0000003" / "metrics.json") as f:
+        return json.load(f)
+
+
+def events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def image_size(accumulator, tag) -> tuple[int, int]:
+    event = accumulator.Images(tag)[-1]
+    return event.height, event.width
+
+
+def check_sdxl_evaluation(run_dir):
+    """The evaluate stage's metrics; the same EMA evaluated from the FSDP2 checkpoint on 2 ranks gives the same
+    figures; tensorboard holds decoded images (128 px samples, not 16 px latent previews), the in-loop figures at
+    step 3, and the recipe as text."""
+    with open(run_dir / "evaluate" / "metrics.json") as f:
+        stage = json.load(f)
+    assert stage["fd_dinov2"] >= 0 and stage["clip_score"] > 0 and "held out" in stage["prompt_set"]
+    assert stage["fd_reference"].startswith("teacher")
+    checkpoint = evaluate_checkpoint(run_dir)
+    for key in ("fd_dinov2", "clip_score"):
+        assert abs(checkpoint[key] - stage[key]) <= 1e-4 * max(1.0, stage[key]), (key, checkpoint, stage)
+    tb = events(run_dir / "evaluate" / "tb")
+    assert image_size(tb, "eval/samples") == (128, 4 * 128)   # rank 0's 4 samples, decoded at 128 px
+    assert {s.step for s in tb.Scalars("eval/fd_dinov2")} == {3}
+    distill = events(run_dir / "distill" / "tb")
+    assert distill.Scalars("eval/clip_score")[-1].step == 3 and image_size(distill, "eval/samples")[0] == 128
+    assert any(tag.startswith("run/recipe") for tag in distill.Tags()["tensors"])
+
+
+def check_video_evaluation(run_dir, root):
+    """CogVideoX from its ZeRO-3 checkpoint: both metrics, and a frame grid (a row of 8 of the 9 frames per video) in
+    tensorboard."""
+    metrics = evaluate_checkpoint(run_dir, *eval_settings(root))
+    assert metrics["frames_per_sample"] == 9 and metrics["clip_score"] > 0 and metrics["fd_dinov2"] >= 0
+    assert image_size(events(run_dir / "evaluate" / "tb"), "eval/frames") == (4 * 64, 8 * 64)   # rank 0: 4 videos
 
 
 def check_model_card(run_dir, export_dir, root):

@@ -83,9 +83,12 @@ CASES = {
     "missing prompt file": ("run: {dir: x}\nfamily: {name: sd3, prompts: /nonexistent/p.txt}\n"
                             "teacher: {pretrained: org/model}\nstages: [distill]\n", [], "family.prompts",
                             "neither a prompt file nor an encoded prompt stream"),
-    "evaluate on a latent family": ("run: {dir: x}\nfamily: {name: sdxl}\nschedule: {prediction: eps}\n"
-                                    "teacher: {pretrained: org/model}\nstages: [distill, evaluate]\n", [], "stages",
-                                    "trainer.export"),
+    "evaluate without feature models": ("run: {dir: x}\nfamily: {name: sdxl}\nschedule: {prediction: eps}\n"
+                                        "teacher: {pretrained: org/model}\nstages: [distill, evaluate]\n", [], "stages",
+                                        "eval.dinov2"),
+    "clip override without prompt texts": ("run: {dir: x}\nfamily: {name: sdxl}\nschedule: {prediction: eps}\n"
+                                        "teacher: {pretrained: org/model}\nstages: [distill]\n",
+                                        ["eval.every=100", "eval.clip=org/clip"], "eval.clip", "eval.prompts"),
     "lora on a toy": ("run: {dir: x}\ndistill:\n  generator: {lora: {rank: 4}}\n", [], "distill.generator.lora",
                       "drop distill.generator.lora"),
     "pixel discriminator on sd3": ("run: {dir: x}\nfamily: {name: sd3}\ndistill:\n  generator: {prediction: flow}\n"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import CogVideoXTransformer3DModel
+from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
@@ -147,6 +147,7 @@ class UlyssesCogVideoXAttnProcessor:
 class CogVideoXFamily(LatentFamily):
     denoiser_class = CogVideoXTransformer
     subfolder = "transformer"
+    vae_class = AutoencoderKLCogVideoX
 
     def setup(self) -> None:
         c, cfg = self.config, self.cfg

@@ -14,10 +14,13 @@ Each family subclass names: `denoiser_class` (a subclass of the diffusers class 
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
+
+from diffusers import AutoencoderKL
 
 from data.streams import StreamError
 from data.toy import class_labels_for
@@ -38,6 +41,7 @@ def depth_taps(num_layers: int, taps: list[int] | None) -> list[int]:
 class LatentFamily(ABC):
     denoiser_class: type
     subfolder: str           # the denoiser's folder inside a diffusers pipeline
+    vae_class: type = AutoencoderKL
     conditional = True
 
     def __init__(self, cfg, pretrained: str | None = None, prompt_stream: str | None = None):
@@ -164,6 +168,34 @@ class LatentFamily(ABC):
     def prompt_labels(self, indices, seed: int) -> torch.Tensor:
         """The prompt id of each generator sample: a pure function of (seed, sample index)."""
         return class_labels_for(indices, self.num_prompts, seed)
+
+    # --- decoding ------------------------------------------------------------------------------------------
+    def load_vae(self, device):
+        """The teacher pipeline's VAE (`vae/` of teacher.pretrained), fp32 (SDXL's VAE overflows in fp16), frozen, on
+        `device`; None when the teacher is not a pipeline with a VAE (a bare denoiser folder)."""
+        if not self.pretrained:
+            return None
+        try:
+            folder = resolve_model_dir(self.pretrained, "vae")
+        except OSError:
+            return None
+        if os.path.basename(os.path.normpath(folder)) != "vae":   # no vae/ beside the denoiser
+            return None
+        return self.vae_class.from_pretrained(folder, torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [N, *data_shape] -> RGB frames [N, F, 3, H, W] in [0, 1] (F = 1 for images), as the stock
+        pipelines decode: image latents / scaling_factor + shift_factor; video latents channels first, / scaling."""
+        cfg = vae.config
+        x = latents.to(next(vae.parameters()).device, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            if x.dim() == 5:   # [N, F, C, h, w] -> the 3-D VAE's [N, C, F, h, w]
+                frames = vae.decode(x.permute(0, 2, 1, 3, 4) / cfg.scaling_factor).sample.permute(0, 2, 1, 3, 4)
+            else:
+                shift = getattr(cfg, "shift_factor", None) or 0.0
+                frames = vae.decode(x / cfg.scaling_factor + shift).sample.unsqueeze(1)
+        return ((frames.float() + 1) / 2).clamp(0, 1)
 
     # --- previews -------------------------------------------------------------------------------------------
     def render_grid(self, samples: torch.Tensor):

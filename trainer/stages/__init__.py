@@ -11,6 +11,7 @@ from parallel.distributed import rank0_value
 from trainer.families import build_family, prompt_stream_path
 from data.convert import is_prompt_file
 from trainer.families.prompts import encode_prompt_stream, stream_encoded_from
+from trainer.latent_evaluation import eval_prompt_path
 from trainer.stages.collect import run_collect_stage
 from trainer.stages.evaluate import run_evaluate_stage
 from trainer.stages.teacher import run_teacher_stage
@@ -18,20 +19,22 @@ from trainer.stages.training import check_streams, run_training_stage
 
 
 def prepare_prompts(recipe, run_dir: str, dist_info, log) -> None:
-    """A prompt file in family.prompts is encoded with the teacher's text encoders into <run_dir>/prompts before
-    any stage, by every rank on its device (trainer/families/prompts.py); a rerun reuses or resumes it."""
-    source = getattr(recipe.family, "prompts", None)
-    if source is None or not is_prompt_file(source):
-        return
-    out = prompt_stream_path(recipe, run_dir)
-    if rank0_value(stream_encoded_from(out, source)):
-        log(f"[prompts] encoded already: {out}")
-        return
-    family = build_family(recipe, read_prompts=False)   # its embedding shapes only
-    f = recipe.family
-    summary = encode_prompt_stream(recipe, family, source, out, dist_info, f.prompt_column, f.prompt_dtype, log=log,
-                                   replace_stale=True)
-    log(f"[prompts] wrote {summary}")
+    """Prompt files in family.prompts and eval.prompts are encoded with the teacher's text encoders into
+    <run_dir>/prompts and <run_dir>/eval_prompts before any stage, by every rank on its device
+    (trainer/families/prompts.py); a rerun reuses or resumes them."""
+    family = None
+    for source, out in ((getattr(recipe.family, "prompts", None), prompt_stream_path(recipe, run_dir)),
+                        (recipe.eval.prompts, eval_prompt_path(recipe, run_dir))):
+        if source is None or not is_prompt_file(source):
+            continue
+        if rank0_value(stream_encoded_from(out, source)):
+            log(f"[prompts] encoded already: {out}")
+            continue
+        family = family or build_family(recipe, read_prompts=False)   # its embedding shapes only
+        f = recipe.family
+        summary = encode_prompt_stream(recipe, family, source, out, dist_info, f.prompt_column, f.prompt_dtype,
+                                       log=log, replace_stale=True)
+        log(f"[prompts] wrote {summary}")
 
 
 def run_stages(recipe, run_dir: str, dist_info, log, provenance: dict | None = None) -> dict | None:

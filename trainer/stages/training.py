@@ -4,6 +4,7 @@ and write the raw generator and its EMA (the student)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 from data.streams import TrainingStream, is_local, read_root, require_embeddings, verify_local_stream
@@ -12,11 +13,15 @@ from parallel.backends import build_backend
 from parallel.distributed import barrier
 from parallel.randomness import derive_seed
 from trainer.families import build_family, prompt_stream_path
+from trainer.config import dump_recipe
 from trainer.families.latent import LatentFamily
+from trainer.latent_evaluation import InLoopEvaluation
 from trainer.methods import build_method
+from trainer.model_card import last_provenance
 from trainer.stages.artifacts import (GENERATOR_FILE, STUDENT_FILE, generator_init_path, pairs_path, save_atomic,
                                       write_teacher_ref)
-from trainer.stages.roles import assemble_roles, build_denoiser, build_generator_denoiser
+from trainer.stages.roles import assemble_roles, build_denoiser, build_generator_denoiser, build_generator_module
+from trainer.stages.students import load_teacher
 from trainer.stages.teacher import ensure_pixel_backbone
 from trainer.trainer import StageTrainer, loop_config
 
@@ -44,12 +49,32 @@ def build_stage_trainer(recipe, run_dir: str, dist_info, stage: str = "distill")
     prompts = None
     if getattr(family, "prompt_stream", None) is not None and not method.needs_pairs:
         prompts = prompt_data(recipe, run_dir, family, dist_info, train.batch_size)
-    return StageTrainer(stage_dir=stage_dir, stage_name=f"{stage}:{section.method.name}", method=method,
-                        nets=nets, backend=backend, denoiser=denoiser, family=family,
-                        loop=loop_config(train, recipe.run.seed), dist_info=dist_info,
-                        student_timesteps=generator_denoiser.schedule.student_timesteps(generator_cfg.num_steps),
-                        conditioning_timestep=generator_cfg.conditioning_timestep, data_source=data,
-                        guards_cfg=recipe.guards, generator_denoiser=generator_denoiser, prompt_source=prompts)
+    timesteps = generator_denoiser.schedule.student_timesteps(generator_cfg.num_steps)
+    trainer = StageTrainer(stage_dir=stage_dir, stage_name=f"{stage}:{section.method.name}", method=method,
+                           nets=nets, backend=backend, denoiser=denoiser, family=family,
+                           loop=loop_config(train, recipe.run.seed), dist_info=dist_info, student_timesteps=timesteps,
+                           conditioning_timestep=generator_cfg.conditioning_timestep, data_source=data,
+                           guards_cfg=recipe.guards, generator_denoiser=generator_denoiser, prompt_source=prompts)
+    trainer.run_text = run_text(recipe, run_dir)
+    if stage == "distill" and recipe.eval.every and isinstance(family, LatentFamily):
+        def load_teacher_here():
+            return denoiser, load_teacher(recipe, run_dir, family).to(dist_info.device)
+        conditioning = generator_cfg.conditioning_timestep if generator_cfg.num_steps == 1 else None
+        trainer.in_loop_eval = InLoopEvaluation(recipe, run_dir, dist_info, family,
+                                                lambda: build_generator_module(recipe, family), generator_denoiser,
+                                                timesteps, conditioning, load_teacher_here)
+    return trainer
+
+
+def run_text(recipe, run_dir: str) -> dict[str, str]:
+    """Tensorboard text written when a training stage starts: the resolved recipe and the last attempt's provenance
+    (markdown code blocks)."""
+    text = {"run/recipe": "```yaml\n" + dump_recipe(recipe) + "```"}
+    record = last_provenance(run_dir)
+    if record is not None:
+        record = {k: v for k, v in record.items() if k != "recipe"}   # the recipe has its own entry
+        text["run/provenance"] = "```json\n" + json.dumps(record, indent=1) + "\n```"
+    return text
 
 
 def own_prompts(batch):

@@ -25,13 +25,13 @@ import torch
 from data.convert import is_prompt_file
 from parallel.distributed import barrier, rank0_value
 from parallel.randomness import StepRandom
+from trainer.families.latent import frame_grid
 from trainer.families.prompts import StreamPromptTable
 from trainer.image_metrics import ClipScore, FrechetDINOv2, ReferenceError
 from trainer.sampling import student_sample, teacher_sample
 
 EVAL_PROMPTS_DIR = "eval_prompts"
 TEACHER_REFERENCE = "teacher_reference.safetensors"
-GRID_IMAGES, GRID_VIDEOS, GRID_FRAMES = 16, 4, 8
 
 
 def eval_prompt_path(recipe, run_dir: str) -> str | None:
@@ -41,22 +41,6 @@ def eval_prompt_path(recipe, run_dir: str) -> str | None:
     if source is None:
         return None
     return os.path.join(run_dir, EVAL_PROMPTS_DIR) if is_prompt_file(source) else source
-
-
-def frame_grid(frames: torch.Tensor) -> np.ndarray:
-    """Decoded frames [N, F, 3, H, W] in [0, 1] -> HWC uint8: images (F = 1) 4 per row; videos one per row, up to
-    GRID_FRAMES evenly spaced frames each."""
-    if frames.shape[1] == 1:
-        x = frames[:GRID_IMAGES, 0]
-        cols = min(4, len(x))
-        rows = (len(x) + cols - 1) // cols
-        x = torch.cat([x, x.new_zeros(rows * cols - len(x), *x.shape[1:])]).reshape(rows, cols, *x.shape[1:])
-    else:
-        keep = torch.linspace(0, frames.shape[1] - 1, min(GRID_FRAMES, frames.shape[1])).round().long()
-        x = frames[:GRID_VIDEOS, keep]
-    rows, cols, _, h, w = x.shape
-    x = (x.float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    return np.ascontiguousarray(x.permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 3).numpy())
 
 
 class LatentEvaluator:

@@ -123,3 +123,19 @@ def test_sdxl_latent_preview_grid_shape():
     assert image.shape == (2 * h, 4 * w, 3) and image.dtype.name == "uint8"
     assert image[:h, :w].max() == 255 and image[:h, :w].min() == 0     # each sample scaled to its own range
     assert image[h:, 2 * w:].max() == 0                                # the padding tiles stay black
+
+
+def test_sdxl_grid_is_decoded_with_the_pipeline_vae(tmp_path):
+    """With a pipeline teacher, the tensorboard grid shows decoded images at the recipe's resolution (128 px for the
+    tiny twin), not 16 px latent previews; the VAE is loaded once."""
+    from tests.helpers import tiny_sdxl_pipeline
+    from trainer.config import load_recipe
+    from trainer.families import build_family
+    pipeline = tiny_sdxl_pipeline(str(tmp_path / "pipeline"))
+    family = build_family(load_recipe(os.path.join(ROOT, "recipes/tiny/sdxl_tiny.yaml"),
+                                      [f"teacher.pretrained={pipeline}", f"run.dir={tmp_path / 'run'}"]))
+    image = family.render_grid(torch.randn(6, *family.data_shape))
+    assert image.shape == (2 * 128, 4 * 128, 3) and image.dtype.name == "uint8"
+    vae = family._grid_vae
+    family.render_grid(torch.randn(2, *family.data_shape))
+    assert family._grid_vae is vae

@@ -30,6 +30,9 @@ from trainer.families.prompts import RandomPromptTable, StreamPromptTable
 from trainer.heads import FeatureHeads, HybridHeads
 
 
+GRID_IMAGES, GRID_VIDEOS, GRID_FRAMES = 16, 4, 8   # decoded grids: images, or videos x frames
+
+
 def depth_taps(num_layers: int, taps: list[int] | None) -> list[int]:
     """Tapped block indices: the recipe's, else the ends of the 1/4, 1/2, 3/4 and full depth (docs/algorithms.md
     §10.11), without repeats."""
@@ -65,6 +68,7 @@ class LatentFamily(ABC):
             raise StreamError(f"{prompt_stream}: family.uncond: empty_prompt, but the prompt stream has no "
                               f"empty_prompt.safetensors (hint: encode it with python -m trainer.prepare prompts)")
         self._device_empty = {}   # device -> the empty prompt's rows there: moved once, not per step
+        self._grid_vae = None     # render_grid's VAE (False: the teacher has none)
 
     @property
     def num_prompts(self) -> int:
@@ -199,8 +203,13 @@ class LatentFamily(ABC):
 
     # --- previews -------------------------------------------------------------------------------------------
     def render_grid(self, samples: torch.Tensor):
-        """HWC uint8 preview of latents [N, C, h, w] (video [N, F, C, h, w]: the first frame): channels 0-2 as RGB,
-        each sample scaled to its own range, tiled 4 per row. A latent preview: decoding is the export's job."""
+        """HWC uint8 grid of latents [N, C, h, w] (video [N, F, C, h, w]): decoded with the teacher pipeline's VAE
+        (loaded once, on the samples' device) into `frame_grid`; without a VAE a latent preview: channels 0-2 as
+        RGB (video: the first frame), each sample scaled to its own range, tiled 4 per row."""
+        if self._grid_vae is None:
+            self._grid_vae = self.load_vae(samples.device) or False
+        if self._grid_vae:
+            return frame_grid(self.decode(self._grid_vae, samples))
         x = samples.float().cpu()
         if x.dim() == 5:
             x = x[:, 0]
@@ -213,6 +222,22 @@ class LatentFamily(ABC):
         pad = torch.zeros(rows * cols - len(x), *x.shape[1:], dtype=torch.uint8)
         x = torch.cat([x, pad]).reshape(rows, cols, *x.shape[1:])                    # [R, C, 3, h, w]
         return np.ascontiguousarray(x.permute(0, 3, 1, 4, 2).reshape(rows * x.shape[3], cols * x.shape[4], 3).numpy())
+
+
+def frame_grid(frames: torch.Tensor) -> np.ndarray:
+    """Decoded frames [N, F, 3, H, W] in [0, 1] -> HWC uint8: images (F = 1) 4 per row; videos one per row, up to
+    GRID_FRAMES evenly spaced frames each."""
+    if frames.shape[1] == 1:
+        x = frames[:GRID_IMAGES, 0]
+        cols = min(4, len(x))
+        rows = (len(x) + cols - 1) // cols
+        x = torch.cat([x, x.new_zeros(rows * cols - len(x), *x.shape[1:])]).reshape(rows, cols, *x.shape[1:])
+    else:
+        keep = torch.linspace(0, frames.shape[1] - 1, min(GRID_FRAMES, frames.shape[1])).round().long()
+        x = frames[:GRID_VIDEOS, keep]
+    rows, cols, _, h, w = x.shape
+    x = (x.float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return np.ascontiguousarray(x.permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 3).numpy())
 
 
 def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:

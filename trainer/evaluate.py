@@ -15,8 +15,6 @@ import argparse
 import os
 import sys
 
-import torch
-
 from parallel.distributed import init_distributed, shutdown
 from parallel.offline import checkpoint_weights
 from parallel.runtime_env import apply_runtime_defaults
@@ -98,8 +96,7 @@ def main(argv=None) -> int:
             evaluate_latent(recipe, args.run_dir, dist_info, log, family, denoiser, generator, out_dir, step,
                             f"{label} (EMA)")
         elif dist_info.is_main:
-            with torch.no_grad():
-                metrics, _ = evaluate_toy(recipe, args.run_dir, family, denoiser, generator, out_dir, step)
+            metrics, _ = evaluate_toy(recipe, args.run_dir, family, denoiser, generator, out_dir, step)
             s = metrics["student"]
             log(f"[evaluate] {label}: FD {s['fd']:.4g}, precision {s['precision']:.3f}, recall {s['recall']:.3f} "
                 f"(teacher FD {metrics['teacher']['fd']:.4g}) -> {os.path.join(out_dir, 'metrics.json')}")

@@ -24,14 +24,37 @@ import torch
 
 from data.convert import is_prompt_file
 from parallel.distributed import barrier, rank0_value
+from parallel.loading import resolve_model_dir
 from parallel.randomness import StepRandom
 from trainer.families.latent import frame_grid
 from trainer.families.prompts import StreamPromptTable
 from trainer.image_metrics import ClipScore, FrechetDINOv2, ReferenceError
 from trainer.sampling import student_sample, teacher_sample
+from trainer.sections import RecipeError
 
 EVAL_PROMPTS_DIR = "eval_prompts"
 TEACHER_REFERENCE = "teacher_reference.safetensors"
+
+
+def check_eval_models(recipe, config_path: str) -> None:
+    """Before the first stage: the feature models and the teacher's VAE an evaluation of this run will load are
+    here (a local folder or a cached hub id), so a missing one is one line now, not a failure after training."""
+    ev = recipe.eval
+    if recipe.family.name == "toy" or ("evaluate" not in recipe.stages and not ev.every):
+        return
+    for key, path, subfolder in (("eval.dinov2", ev.dinov2, None), ("eval.clip", ev.clip, None),
+                                 ("teacher.pretrained", recipe.teacher.pretrained, "vae")):
+        if path is None:
+            continue
+        try:
+            folder = resolve_model_dir(path, subfolder)
+        except OSError:
+            folder = None
+        if folder is None or not os.path.isfile(os.path.join(folder, "config.json")):
+            where = f"{path}/{subfolder}" if subfolder else path
+            raise RecipeError(config_path, key, f"'{where}' is neither a local model folder nor in the local hub "
+                              f"cache (evaluation loads it)", "download it beforehand (huggingface-cli download), or "
+                              "drop 'evaluate' from stages and eval.every")
 
 
 def eval_prompt_path(recipe, run_dir: str) -> str | None:

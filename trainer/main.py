@@ -64,11 +64,12 @@ def dry_run_plan(args, recipe) -> int:
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
-    plan = plan_memory(recipe, world_size, trace=not args.no_trace)
-    print(plan.format())
-    if plan.gpu_memory_gib is not None and plan.total > plan.gpu_memory_gib * (1 << 30):
-        print(f"warning: the plan needs {plan.total / (1 << 30):.2f} GiB per GPU, more than "
-              f"parallel.gpu_memory_gib = {plan.gpu_memory_gib:g}", file=sys.stderr)
+    for stage in [st for st in ("pretrain", "distill") if st in recipe.stages]:
+        plan = plan_memory(recipe, world_size, trace=not args.no_trace, stage=stage)
+        print(plan.format())
+        if plan.gpu_memory_gib is not None and plan.total > plan.gpu_memory_gib * (1 << 30):
+            print(f"warning: the {stage} stage's plan needs {plan.total / (1 << 30):.2f} GiB per GPU, more than "
+                  f"parallel.gpu_memory_gib = {plan.gpu_memory_gib:g}", file=sys.stderr)
     return 0
 
 

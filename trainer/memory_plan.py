@@ -30,6 +30,7 @@ The trace runs in this process on a fake process group: call it from a fresh pro
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -38,11 +39,13 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.testing._internal.distributed.fake_pg import FakeStore
+from transformers import CLIPModel, Dinov2Model
 
 from parallel.backend import Backend
 from parallel.backends import build_backend
 from parallel.dims import ParallelDims
 from parallel.distributed import DistInfo
+from parallel.loading import resolve_model_dir
 from parallel.zero3 import bucket_elements
 from trainer.families import build_family
 from trainer.methods import build_method
@@ -78,6 +81,7 @@ class MemoryPlan:
     gpu_memory_gib: float | None = None
     notes: list[str] = field(default_factory=list)
     micro_batch: int | None = None     # samples per backward when gradients accumulate (activations scale with it)
+    stage: str = "distill"
 
     @property
     def model_states(self) -> float:
@@ -89,15 +93,15 @@ class MemoryPlan:
 
     def format(self) -> str:
         micro = f", micro-batch {self.micro_batch}" if self.micro_batch else ""
-        lines = [f"memory plan: backend {self.backend}, {self.world_size} ranks, local batch {self.local_batch}{micro} "
-                 f"(bytes per rank, GiB)",
-                 f"{'role':<11} {'parameters':>14} {'param GiB':>10} {'grad GiB':>9} {'optim GiB':>10} "
+        lines = [f"memory plan of the {self.stage} stage: backend {self.backend}, {self.world_size} ranks, local batch "
+                 f"{self.local_batch}{micro} (bytes per rank, GiB)",
+                 f"{'role':<14} {'parameters':>14} {'param GiB':>10} {'grad GiB':>9} {'optim GiB':>10} "
                  f"{'ema GiB':>8} {'buf GiB':>8} {'total GiB':>10}"]
         for r in self.roles:
-            lines.append(f"{r.role:<11} {r.numel:>14,} {r.params / GIB:>10.3f} {r.grads / GIB:>9.3f} "
+            lines.append(f"{r.role:<14} {r.numel:>14,} {r.params / GIB:>10.3f} {r.grads / GIB:>9.3f} "
                          f"{r.optimizer / GIB:>10.3f} {r.ema / GIB:>8.3f} {r.buffers / GIB:>8.3f} {r.total / GIB:>10.3f}")
-        lines.append(f"{'activations and transients (traced step)':<81} {self.activations / GIB:>10.3f}")
-        lines.append(f"{'total per GPU':<81} {self.total / GIB:>10.3f}  ({int(self.total)} bytes)")
+        lines.append(f"{'activations and transients (traced step)':<84} {self.activations / GIB:>10.3f}")
+        lines.append(f"{'total per GPU':<84} {self.total / GIB:>10.3f}  ({int(self.total)} bytes)")
         lines += [f"note: {n}" for n in self.notes]
         if self.gpu_memory_gib is not None:
             verdict = "fits" if self.total <= self.gpu_memory_gib * GIB else "DOES NOT FIT"
@@ -114,7 +118,7 @@ def _largest_layer_numel(module) -> int:
 def model_states(recipe, world_size: int, roles: dict) -> list[RoleStates]:
     """roles: name -> module (meta tensors are fine). Bytes per rank per role (see the module docstring)."""
     p = recipe.parallel
-    trainable = set(roles) - {"teacher"}
+    trainable = set(roles) - {"teacher", "pixel_backbone"}   # the frozen roles
     out = []
     if p.backend == "fsdp2":
         dims = ParallelDims.resolve(world_size, p.dp_replicate, p.dp_shard, p.sp)
@@ -193,25 +197,26 @@ class _StepTracker:
         return StepTracker()
 
 
-def build_trainer(recipe, dist_info, family, backend=None) -> StageTrainer:
-    """A StageTrainer of the distill stage over freshly initialised roles (no weight files), assembled exactly as a run
-    assembles them (trainer/stages/roles.py): what the planner and the benchmarks trace."""
-    method = build_method(recipe.distill.method)
-    train = recipe.distill.train
+def build_trainer(recipe, dist_info, family, backend=None, stage: str = "distill") -> StageTrainer:
+    """A StageTrainer of a training stage (`distill` or `pretrain`) over freshly initialised roles (no weight files),
+    assembled exactly as a run assembles them (trainer/stages/roles.py): what the planner and the benchmarks trace."""
+    section = getattr(recipe, stage)
+    method = build_method(section.method)
+    train = section.train
     backend = backend or build_backend(recipe.parallel, dist_info, family, train.grad_clip, train.ema_decay)
-    nets = assemble_roles(recipe, None, backend, family, method, recipe.distill.optimizer, fresh=True)
+    nets = assemble_roles(recipe, None, backend, family, method, section.optimizer, fresh=True)
     denoiser = build_denoiser(recipe)
     g = recipe.distill.generator
+    data = SyntheticPairs(family) if method.needs_pairs else SyntheticReal(family) if method.needs_real_data else None
     return StageTrainer(stage_dir="/nonexistent/plan", stage_name="plan", method=method, nets=nets, backend=backend,
                         denoiser=denoiser, family=family, loop=loop_config(train, recipe.run.seed),
                         dist_info=dist_info, student_timesteps=denoiser.schedule.student_timesteps(g.num_steps),
-                        conditioning_timestep=g.conditioning_timestep,
-                        data_source=SyntheticReal(family) if method.needs_real_data else None)
+                        conditioning_timestep=g.conditioning_timestep, data_source=data)
 
 
 class SyntheticReal:
     """Zero 'real' batches of the family's data shape (planning and benchmarks only: memory and time do not depend
-    on the values)."""
+    on the values); prompt id 0 each."""
 
     def __init__(self, family):
         self.family = family
@@ -219,6 +224,14 @@ class SyntheticReal:
     def batch(self, indices):
         n = len(indices)
         return torch.zeros(n, *self.family.data_shape), torch.zeros(n, dtype=torch.int64)
+
+
+class SyntheticPairs(SyntheticReal):
+    """Zero ODE pairs (noise, teacher output, prompt id 0) for planning the pretrain stage."""
+
+    def batch(self, indices):
+        x, prompts = super().batch(indices)
+        return x, x.clone(), prompts
 
 
 def single_tensor_optimizers(backend) -> None:
@@ -242,7 +255,7 @@ def _pack_whole_weights(tensor):
     return tensor.detach().clone() if isinstance(tensor, torch.nn.Parameter) else tensor
 
 
-def trace_step(recipe, world_size: int, steps: int = 2) -> tuple[float, dict]:
+def trace_step(recipe, world_size: int, steps: int = 2, stage: str = "distill") -> tuple[float, dict]:
     """(peak bytes, peak by category) of `steps` method steps of rank 0 of `world_size`, under fake tensors. ZeRO-3 is
     traced under FSDP2 (the same activations), with the weights autograd saves held whole (`_pack_whole_weights`)."""
     traced = recipe.model_copy(deep=True)
@@ -257,11 +270,11 @@ def trace_step(recipe, world_size: int, steps: int = 2) -> tuple[float, dict]:
     try:
         info = DistInfo(0, world_size, 0, torch.device("cpu"), sp=traced.parallel.sp)
         family = build_family(traced, planning=True)
-        train = traced.distill.train
+        train = getattr(traced, stage).train
         # the backend (and its device mesh) is built outside fake mode: mesh set-up reads real tensors
         backend = build_backend(traced.parallel, info, family, train.grad_clip, train.ema_decay)
         with FakeTensorMode(allow_non_fake_inputs=True):
-            trainer = build_trainer(traced, info, family, backend)
+            trainer = build_trainer(traced, info, family, backend, stage)
             single_tensor_optimizers(backend)
             tracker = _StepTracker()
             tracker.track_external(*trainer.nets.present().values(), *backend.optimizers.values(),
@@ -277,24 +290,31 @@ def trace_step(recipe, world_size: int, steps: int = 2) -> tuple[float, dict]:
     return float(by_category.pop("Total")), by_category
 
 
-def plan_memory(recipe, world_size: int, trace: bool = True, traced_peak: float | None = None) -> MemoryPlan:
-    """traced_peak: reuse the peak of an earlier trace of the same recipe, backend and world size."""
+def plan_memory(recipe, world_size: int, trace: bool = True, traced_peak: float | None = None,
+                stage: str = "distill") -> MemoryPlan:
+    """The plan of one training stage (`distill`, or `pretrain`: ADP with its VAE-decode + vision backbone).
+    traced_peak: reuse the peak of an earlier trace of the same recipe, stage, backend and world size."""
     family = build_family(recipe, planning=True)
-    method = build_method(recipe.distill.method)
+    section = getattr(recipe, stage)
+    method = build_method(section.method)
     with torch.device("meta"):
-        roles = {"teacher": family.build_denoiser()}
+        roles = {"teacher": family.build_denoiser()} if "teacher" in method.frozen_roles else {}
         for role in ("generator", "fake_score"):
             if role in method.trains:
                 roles[role] = build_generator_module(recipe, family) if role == "generator" else \
                     family.build_denoiser()
+        if "pixel_backbone" in method.frozen_roles:
+            roles["pixel_backbone"] = family.build_pixel_backbone()
         if "heads" in method.trains:
             roles["heads"] = method.build_heads(family)
     states = model_states(recipe, world_size, roles)
-    local_batch = recipe.distill.train.batch_size // (world_size // recipe.parallel.sp)   # per data-parallel rank
+    local_batch = section.train.batch_size // (world_size // recipe.parallel.sp)   # per data-parallel rank
     plan = MemoryPlan(recipe.parallel.backend, world_size, local_batch, states, 0.0, 0.0,
-                      recipe.parallel.gpu_memory_gib, micro_batch=recipe.distill.train.micro_batch_size)
+                      recipe.parallel.gpu_memory_gib, micro_batch=section.train.micro_batch_size, stage=stage)
+    if stage == "distill" and recipe.eval.every and recipe.family.name != "toy":
+        add_in_loop_evaluation(plan, recipe, family, roles["generator"])
     if trace:
-        peak = traced_peak if traced_peak is not None else trace_step(recipe, world_size)[0]
+        peak = traced_peak if traced_peak is not None else trace_step(recipe, world_size, stage=stage)[0]
         plan.traced_peak = peak
         if recipe.parallel.backend == "zero3":
             fsdp = recipe.model_copy(deep=True)
@@ -309,3 +329,46 @@ def plan_memory(recipe, world_size: int, trace: bool = True, traced_peak: float 
     else:
         plan.notes.append("activations not traced (--no-trace)")
     return plan
+
+
+def add_in_loop_evaluation(plan: MemoryPlan, recipe, family, generator) -> None:
+    """eval.every: a whole fp32 generator (the gathered EMA), the VAE and the feature models stay on every rank
+    (trainer/latent_evaluation.py), counted as one `evaluation` row from their configs; a model whose config is not
+    local (an uncached hub id) is left out, with a note. Sampling without gradients at eval.batch_size is not traced."""
+    row = RoleStates("evaluation", sum(t.numel() for t in generator.parameters()))
+    row.params = 4 * row.numel
+    missing = []
+    for name, count in (("vae", vae_parameters(recipe, family)), ("eval.dinov2", config_parameters(
+            recipe.eval.dinov2, Dinov2Model)), ("eval.clip", config_parameters(recipe.eval.clip, CLIPModel))):
+        if count is None:
+            missing.append(name)
+        else:
+            row.numel += count
+            row.params += 4 * count
+    plan.roles.append(row)
+    plan.notes.append("evaluation: the whole EMA generator, VAE and feature models of eval.every (their activations "
+                      "at eval.batch_size without gradients not traced)" +
+                      (f"; not local, not counted: {', '.join(missing)}" if missing else ""))
+
+
+def config_parameters(path: str | None, cls) -> int | None:
+    """Parameters of a transformers model from its config alone (built on the meta device); 0 without `path`,
+    None when its config is not local."""
+    if path is None:
+        return 0
+    try:
+        folder = resolve_model_dir(path)
+    except OSError:
+        return None
+    with torch.device("meta"):
+        model = cls(cls.config_class.from_pretrained(folder))
+    return sum(t.numel() for t in model.parameters())
+
+
+def vae_parameters(recipe, family) -> int | None:
+    pretrained = recipe.teacher.pretrained
+    if not pretrained or not os.path.isdir(os.path.join(pretrained, "vae")):
+        return None
+    with torch.device("meta"):
+        vae = family.vae_class.from_config(family.vae_class.load_config(os.path.join(pretrained, "vae")))
+    return sum(t.numel() for t in vae.parameters())

@@ -98,6 +98,12 @@ def test_bad_input_and_environment_faults_get_one_line_and_their_exit_code(tmp_p
     code, line = call_main(capsys, SMOKE, f"run.dir={fresh}", f"data.real_remote={finished / 'ode_pairs'}")
     assert code == 2 and "ode_pairs" in line and not (fresh / "teacher").exists()
 
+    # an evaluation model that is not here is refused before training, not after it
+    latent = tmp_path / "latent"
+    code, line = call_main(capsys, os.path.join(ROOT, "recipes", "tiny", "sdxl_tiny.yaml"), f"run.dir={latent}",
+                           "teacher.pretrained=org/model", "stages=[distill,evaluate]", "eval.dinov2=org/no-such-dinov2")
+    assert code == 2 and "eval.dinov2" in line and "org/no-such-dinov2" in line and not (latent / "distill").exists()
+
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(finished, tmp_path):
     """(9) A checkpoint write the file system refuses (here: the file-size limit, EFBIG, as a full disk's ENOSPC):
@@ -141,3 +147,18 @@ def test_sample_and_export_refuse_bad_paths(finished, tmp_path, capsys):
     assert export_main([run, "--out", str(tmp_path / "out"), "--checkpoint", "tmp-step_0000010"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "no such checkpoint" in err
+
+
+def test_evaluate_reads_a_toy_checkpoint_and_refuses_bad_input(finished, tmp_path, capsys):
+    """trainer.evaluate on the smoke run: its newest checkpoint's EMA evaluated (metrics under evaluate/step_N); a
+    missing checkpoint and a non-eval override are one line each, exit 2."""
+    from trainer.evaluate import main as evaluate_main
+    run = copy_run(finished, tmp_path / "run")
+    assert evaluate_main([str(run), "--checkpoint", "latest", "eval.num_samples=200"]) == 0
+    step_dirs = list((run / "evaluate").glob("step_*"))
+    assert len(step_dirs) == 1 and json.loads((step_dirs[0] / "metrics.json").read_text())["student"]["fd"] > 0
+    for args, fragment in ((["--checkpoint", "step_9999999"], "no such checkpoint"),
+                           (["distill.train.steps=5"], "only eval.* settings")):
+        assert evaluate_main([str(run), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and fragment in err, err

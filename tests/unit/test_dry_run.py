@@ -6,7 +6,8 @@ command line (teacher.pretrained): a hub id stands in, planning reads the checke
 import glob
 import os
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, saved_clip, saved_vision, tiny_sdxl_pipeline
+from trainer.config import load_recipe
 from trainer.main import main
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True))
@@ -26,6 +27,8 @@ def test_dry_run_plans_every_recipe_on_every_backend_it_allows(capsys, monkeypat
             assert "Traceback" not in err, (path, backend, err[-2000:])
             if code == 0:
                 assert "total per GPU" in out and "planning for" in out, (path, backend, out[-1000:])
+                for stage in [st for st in ("pretrain", "distill") if st in load_recipe(path, teacher).stages]:
+                    assert f"memory plan of the {stage} stage" in out, (path, backend, stage)   # ADP's too
                 planned.setdefault(os.path.relpath(path, ROOT), []).append(backend)
             else:
                 errors = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -47,3 +50,25 @@ def test_the_world_size_comes_from_the_flag_the_environment_or_the_launch_sectio
     monkeypatch.setenv("WORLD_SIZE", "16")
     assert main([sdxl, "--dry-run", "--no-trace"]) == 0
     assert "planning for 16 ranks (WORLD_SIZE)" in capsys.readouterr().out
+
+
+def test_in_loop_evaluation_models_are_planned(tmp_path, capsys):
+    """eval.every keeps a whole generator, the VAE and the feature models on every rank: one `evaluation` row of
+    their parameters (fp32), read from the local configs."""
+    from trainer.memory_plan import plan_memory
+    pipeline = tiny_sdxl_pipeline(str(tmp_path / "pipeline"))
+    dino, clip = saved_vision("dinov2", str(tmp_path / "dino")), saved_clip(str(tmp_path / "clip"))
+    settings = [f"teacher.pretrained={pipeline}", "eval.every=10", f"eval.dinov2={dino}", f"eval.clip={clip}",
+                f"eval.prompts={os.path.join(ROOT, 'recipes', 'prompts', 'tiny.txt')}"]
+    recipe = load_recipe(os.path.join(ROOT, "recipes", "tiny", "sdxl_tiny.yaml"), settings)
+    plan = plan_memory(recipe, 2, trace=False)
+    row = next(r for r in plan.roles if r.role == "evaluation")
+    generator = next(r for r in plan.roles if r.role == "generator")
+    from diffusers import AutoencoderKL
+    from transformers import CLIPModel, Dinov2Model
+    expected = generator.numel + sum(sum(p.numel() for p in cls.from_pretrained(folder).parameters())
+                                     for cls, folder in ((AutoencoderKL, os.path.join(pipeline, "vae")),
+                                                         (Dinov2Model, dino), (CLIPModel, clip)))
+    assert row.numel == expected and row.params == 4 * expected
+    assert plan.total >= plan_memory(recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"every": 0})}),
+                                      2, trace=False).total + row.params

@@ -11,6 +11,8 @@ the family's prompt table (trainer/families/latent.py).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -107,9 +109,13 @@ class SDXLFamily(LatentFamily):
         return {k: v for k, v in config.items() if not k.startswith("_")}
 
     def vision_config(self) -> dict:
+        """The backbone's config: family.pixel_backbone_pretrained's, else the checked-in one; the checked-in one
+        too when the family is described for planning (no teacher folder here: a hub id need not be cached)."""
         full, tiny = MODELS[self.cfg.pixel_backbone]
-        return vision_config(self.cfg.pixel_backbone, tiny if self.cfg.model == "sdxl_tiny" else full,
-                             self.cfg.pixel_backbone_pretrained)
+        pretrained = self.cfg.pixel_backbone_pretrained
+        if self.pretrained is None and pretrained is not None and not os.path.isdir(pretrained):
+            pretrained = None
+        return vision_config(self.cfg.pixel_backbone, tiny if self.cfg.model == "sdxl_tiny" else full, pretrained)
 
     def build_pixel_backbone(self):
         return PixelBackbone(self.cfg.pixel_backbone, build_vision(self.cfg.pixel_backbone, self.vision_config()),

@@ -7,11 +7,13 @@ unfinished stage resumes from its last complete checkpoint. So rerunning the sam
 """
 from __future__ import annotations
 
+import os
+
 from parallel.distributed import rank0_value
 from trainer.families import build_family, prompt_stream_path
 from data.convert import is_prompt_file
 from trainer.families.prompts import encode_prompt_stream, stream_encoded_from
-from trainer.latent_evaluation import eval_prompt_path
+from trainer.latent_evaluation import check_eval_models, eval_prompt_path
 from trainer.stages.collect import run_collect_stage
 from trainer.stages.evaluate import run_evaluate_stage
 from trainer.stages.teacher import run_teacher_stage
@@ -42,6 +44,7 @@ def run_stages(recipe, run_dir: str, dist_info, log, provenance: dict | None = N
     provenance: this attempt's record (trainer/provenance.py), carried into every checkpoint's extra state."""
     metrics = None
     check_streams(recipe, run_dir)
+    check_eval_models(recipe, os.path.join(run_dir, "config.yaml"))
     prepare_prompts(recipe, run_dir, dist_info, log)
     for stage in recipe.stages:
         if stage == "teacher":

@@ -143,6 +143,9 @@ def check_latent_eval(recipe, fail, always: bool = False) -> None:
     if ev.dinov2 is None and ev.clip is None:
         fail(key, f"evaluating family '{family.name}' needs a feature model", "set eval.dinov2 (FD-DINOv2) and / or "
              "eval.clip (CLIP score): local folders or cached hub ids")
+    if ev.dinov2 is not None and ev.num_samples < 2:
+        fail("eval.num_samples", "a Fréchet distance needs a covariance: at least 2 samples", "eval.num_samples: "
+             "thousands for figures that compare across runs")
     if ev.clip is not None and ev.prompts is None and family.prompts is None:
         fail("eval.clip", "the CLIP score compares each sample with its prompt's text, and the run has no prompt texts",
              "set eval.prompts or family.prompts (a prompt file or an encoded stream)")

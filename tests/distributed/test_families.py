@@ -110,9 +110,9 @@ def test_tiny_twin_trains_on_two_ranks_and_exports_to_the_stock_pipeline(pipelin
     root, folders = pipelines
     run_dir = root / f"run_{model}_{backend}"
     # SDXL: the evaluate stage and in-loop evaluation at step 3, on held-out prompts (its training prompts are the
-    # random table, which has no texts)
+    # random table, which has no texts); the teacher's FD reference in 4 sampler steps (CogVideoX's too)
     evaluate = ([*eval_settings(root), "stages=[distill,evaluate]", "eval.every=3", f"eval.prompts={PROMPTS}",
-                 "teacher.sampler_steps=4"] if model == "sdxl_tiny" else [])
+                 "teacher.sampler_steps=4"] if model == "sdxl_tiny" else ["teacher.sampler_steps=4"])
     train(run_dir, model, folders[model], backend, evaluate)
     if model == "sdxl_tiny":
         check_sdxl_evaluation(run_dir)

@@ -86,6 +86,10 @@ CASES = {
     "evaluate without feature models": ("run: {dir: x}\nfamily: {name: sdxl}\nschedule: {prediction: eps}\n"
                                         "teacher: {pretrained: org/model}\nstages: [distill, evaluate]\n", [], "stages",
                                         "eval.dinov2"),
+    "one sample for a covariance": ("run: {dir: x}\nfamily: {name: sdxl}\nschedule: {prediction: eps}\n"
+                                    "teacher: {pretrained: org/model}\nstages: [distill, evaluate]\n"
+                                    "eval: {dinov2: org/dino, num_samples: 1}\n", [], "eval.num_samples",
+                                    "at least 2"),
     "clip override without prompt texts": ("run: {dir: x}\nfamily: {name: sdxl}\nschedule: {prediction: eps}\n"
                                         "teacher: {pretrained: org/model}\nstages: [distill]\n",
                                         ["eval.every=100", "eval.clip=org/clip"], "eval.clip", "eval.prompts"),

@@ -1,4 +1,5 @@
 """Recipes: base inheritance, overrides, and the one-line errors (exit 2, no traceback) for bad input."""
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -143,17 +144,26 @@ def run_cli(*args, cwd=ROOT):
                           env=env, timeout=120)
 
 
+def run_clis(cases, at_once: int = 2) -> list[subprocess.CompletedProcess]:
+    """run_cli for each argument list, `at_once` processes at a time (each spends seconds importing torch)."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
+        return list(pool.map(lambda args: subprocess.run([sys.executable, "-m", "trainer.main", *args],
+                                                         capture_output=True, text=True, cwd=ROOT, env=env,
+                                                         timeout=120), cases))
+
+
 def test_cli_exit_2_one_line_no_traceback(tmp_path):
     """Each malformed input through the real entry point: exit 2, one line on stderr, no traceback, no run dir."""
     bad = write(tmp_path, "bad.yaml", f"run: {{dir: {tmp_path}/run}}\ndistill:\n  train: {{stepz: 1, batch_size: 2}}\n")
     wrong = write(tmp_path, "wrong.yaml", f"run: {{dir: {tmp_path}/run}}\nteacher:\n  train: {{steps: x, batch_size: 2}}\n")
-    for args in ([bad], [wrong], [str(tmp_path / "missing.yaml")], [SMOKE, "distill.train.steps"],
-                 [SMOKE, f"run.dir={tmp_path}/run", "distill.train.steps=-1"],
-                 [SMOKE, f"run.dir={tmp_path}/run", "distill.train.batch_size=8", "distill.train.micro_batch_size=3"],
-                 [SMOKE, f"run.dir={tmp_path}/run", "pretrain.train.batch_size=8", "pretrain.train.micro_batch_size=3"],
-                 [SMOKE, f"run.dir={tmp_path}/run", "distill.optimizer={generator: {lr: 1.0e-4}}"],
-                 [SMOKE, f"run.dir={tmp_path}/run", "distill.train.steps=true"]):
-        result = run_cli(*args)
+    cases = [[bad], [wrong], [str(tmp_path / "missing.yaml")], [SMOKE, "distill.train.steps"],
+             [SMOKE, f"run.dir={tmp_path}/run", "distill.train.steps=-1"],
+             [SMOKE, f"run.dir={tmp_path}/run", "distill.train.batch_size=8", "distill.train.micro_batch_size=3"],
+             [SMOKE, f"run.dir={tmp_path}/run", "pretrain.train.batch_size=8", "pretrain.train.micro_batch_size=3"],
+             [SMOKE, f"run.dir={tmp_path}/run", "distill.optimizer={generator: {lr: 1.0e-4}}"],
+             [SMOKE, f"run.dir={tmp_path}/run", "distill.train.steps=true"]]
+    for result in run_clis(cases):
         assert result.returncode == 2, result
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr

@@ -113,9 +113,10 @@ def test_tiny_twin_trains_on_two_ranks_and_exports_to_the_stock_pipeline(pipelin
     # random table, which has no texts); the teacher's FD reference in 4 sampler steps (CogVideoX's too)
     evaluate = ([*eval_settings(root), "stages=[distill,evaluate]", "eval.every=3", f"eval.prompts={PROMPTS}",
                  "teacher.sampler_steps=4"] if model == "sdxl_tiny" else ["teacher.sampler_steps=4"])
-    train(run_dir, model, folders[model], backend, evaluate)
+    result = train(run_dir, model, folders[model], backend, evaluate)
     if model == "sdxl_tiny":
         check_sdxl_evaluation(run_dir)
+        assert result.stdout.count("the teacher's reference") == 1, result.stdout   # rank 0 logs, once per run
     if model == "cogvideox_2b_tiny" and backend == "zero3":
         check_video_evaluation(run_dir, root)
     samples = root / f"samples_{model}_{backend}.npz"

@@ -62,7 +62,8 @@ def build_stage_trainer(recipe, run_dir: str, dist_info, stage: str = "distill")
         conditioning = generator_cfg.conditioning_timestep if generator_cfg.num_steps == 1 else None
         trainer.in_loop_eval = InLoopEvaluation(recipe, run_dir, dist_info, family,
                                                 lambda: build_generator_module(recipe, family), generator_denoiser,
-                                                timesteps, conditioning, load_teacher_here)
+                                                timesteps, conditioning, load_teacher_here,
+                                                log=print if dist_info.is_main else (lambda message: None))
     return trainer
 
 

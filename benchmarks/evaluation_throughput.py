@@ -37,7 +37,7 @@ from trainer.config import load_recipe  # noqa: E402
 from trainer.families import build_family  # noqa: E402
 from trainer.families.configs import load_config  # noqa: E402
 from trainer.latent_evaluation import LatentEvaluator  # noqa: E402
-from trainer.pixel_backbones import build_vision, vision_config  # noqa: E402
+from trainer.families.pixel_backbones import build_vision, vision_config  # noqa: E402
 from trainer.sampling import student_sample  # noqa: E402
 from trainer.stages.roles import build_denoiser, build_generator_denoiser  # noqa: E402
 from trainer.tiny_pipeline import byte_level_tokenizer, save_tiny_pipeline  # noqa: E402

@@ -56,7 +56,7 @@ def pretrain_trainer(tmp_path, *overrides):
 
 def saved_vision(kind: str, folder: str) -> str:
     """A tiny random SAM / DINOv2 vision model saved with save_pretrained (what a pretrained backbone folder holds)."""
-    from trainer.pixel_backbones import build_vision, vision_config
+    from trainer.families.pixel_backbones import build_vision, vision_config
     torch.manual_seed(0)
     model = build_vision(kind, vision_config(kind, f"{kind}_tiny"))
     model.save_pretrained(folder)

@@ -9,7 +9,7 @@ import os
 import yaml
 
 from trainer.config import dump_recipe
-from trainer.provenance import FILE as PROVENANCE_FILE
+from trainer.provenance import last_provenance
 from trainer.stages.artifacts import method_label
 
 SD3_GLOBAL_RNG = ("torch.manual_seed(seed)   # SD3's pipeline re-noises from torch's global generator between steps\n")
@@ -36,15 +36,6 @@ def code_block(pipeline_name: str, folder: str, sampling_file: str, prompt: str,
             f"{SD3_GLOBAL_RNG if family == 'sd3' else ''}"
             f"out = pipe(prompt=[{prompt!r}], generator=torch.Generator().manual_seed(seed), **call)\n"
             f"sample = out.{output}\n")
-
-
-def last_provenance(run_dir: str) -> dict | None:
-    path = os.path.join(run_dir, PROVENANCE_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    return json.loads(lines[-1]) if lines else None
 
 
 def model_card(recipe, run_dir: str, out: str, pipeline_name: str, call: dict, sampling_file: str, prompt: str,

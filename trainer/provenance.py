@@ -83,3 +83,13 @@ def attempt_record(world_size: int, argv: list[str] | None = None) -> dict:
 def append(run_dir: str, record: dict) -> None:
     with open(os.path.join(run_dir, FILE), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def last_provenance(run_dir: str) -> dict | None:
+    """The last attempt's record of a run dir, or None."""
+    path = os.path.join(run_dir, FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    return json.loads(lines[-1]) if lines else None

@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from tests.helpers import ROOT, saved_clip, saved_vision
-from trainer.pixel_backbones import build_vision, vision_config
+from trainer.families.pixel_backbones import build_vision, vision_config
 from trainer.image_metrics import ClipScore, FrechetDINOv2, ReferenceError
 from trainer.reference_stats import main as reference_main
 

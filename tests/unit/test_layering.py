@@ -45,6 +45,16 @@ def import_graph(mods: dict[str, str]) -> dict[str, set[str]]:
                     name = name.rpartition(".")[0]
                 if name and name != module:
                     targets.add(name)
+        # importing a.b.c runs package a.b's __init__ first: an edge to it, unless the importer lives inside it
+        # (then the package is already being imported). trainer.model_card -> trainer.stages.artifacts ran
+        # trainer/stages/__init__, which imported the model card back: `python -m trainer.export` failed to import
+        for target in list(targets):
+            parent = target.rpartition(".")[0]
+            while parent:
+                if parent in mods and not module.startswith(parent + "."):
+                    targets.add(parent)
+                parent = parent.rpartition(".")[0]
+        targets.discard(module)
         graph[module] = targets
     return graph
 

@@ -10,7 +10,7 @@ import torch
 
 from parallel.loading import PrefixedSource, StateSource, TensorsSource, load_full_state
 from tests.helpers import ROOT, saved_vision, tiny_sdxl_pipeline
-from trainer.pixel_backbones import (PixelBackbone, build_vision, pretrained_vision_state, vision_class,
+from trainer.families.pixel_backbones import (PixelBackbone, build_vision, pretrained_vision_state, vision_class,
                                      vision_config)
 
 

@@ -20,7 +20,7 @@ from parallel.loading import PrefixedSource, StateSource, TensorsSource, resolve
 from trainer.families.configs import load_config
 from trainer.families.latent import LatentFamily
 from trainer.heads import FeatureHeads
-from trainer.pixel_backbones import MODELS, PixelBackbone, build_vision, pretrained_vision_state, vision_config
+from trainer.families.pixel_backbones import MODELS, PixelBackbone, build_vision, pretrained_vision_state, vision_config
 
 VAE_SCALE = 8   # SDXL's VAE downsamples 8x
 
@@ -100,7 +100,7 @@ class SDXLFamily(LatentFamily):
         """Each down block, the mid block, each up block."""
         return [*module.down_blocks, module.mid_block, *module.up_blocks]
 
-    # --- ADP's pixel discriminator: VAE decode -> SAM / DINOv2 (trainer/pixel_backbones.py) --------------------
+    # --- ADP's pixel discriminator: VAE decode -> SAM / DINOv2 (trainer/families/pixel_backbones.py) --------------------
     def vae_config(self) -> dict:
         if self.pretrained:
             config = dict(AutoencoderKL.load_config(resolve_model_dir(self.pretrained, "vae")))

@@ -17,7 +17,7 @@ from trainer.config import dump_recipe
 from trainer.families.latent import LatentFamily
 from trainer.latent_evaluation import InLoopEvaluation
 from trainer.methods import build_method
-from trainer.model_card import last_provenance
+from trainer.provenance import last_provenance
 from trainer.stages.artifacts import (GENERATOR_FILE, STUDENT_FILE, generator_init_path, pairs_path, save_atomic,
                                       write_teacher_ref)
 from trainer.stages.roles import assemble_roles, build_denoiser, build_generator_denoiser, build_generator_module

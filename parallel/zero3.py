@@ -22,6 +22,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -48,7 +49,38 @@ def import_deepspeed():
     import deepspeed.comm.torch  # noqa: F401  (the module patched below)
     if not torch.cuda.is_available():
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    # The parameter coordinator re-checks, at every root forward while its prefetch trace is not complete, that all
+    # ranks recorded the same submodule order: one broadcast plus one host read (.item()) per recorded submodule.
+    # Our roles are called several times per step with and without backward, so the trace never completes and the
+    # check ran at every call (10,652 host reads in 3 tiny SDXL steps). Every rank runs the same method code and
+    # the same shared draws (parallel/randomness.py), so the order cannot differ; the check is dropped. Its cost:
+    # a rank that did diverge would hang in a collective instead of raising here.
+    sys.modules["deepspeed.runtime.zero.partitioned_param_coordinator"].assert_ints_same_as_other_ranks = \
+        lambda ints: None
     return deepspeed
+
+
+@contextlib.contextmanager
+def norm_check_on_device(found_inf: torch.Tensor):
+    """During one ZeRO-3 `engine.step()`: DeepSpeed's check of the gradient norm (`is_invalid_grad_norm`, a host
+    read of a device flag to decide on the host whether to skip) becomes a device-side update of `found_inf`, the
+    0/1 flag the fused client AdamW reads, so a non-finite norm still skips the update (the kernel leaves
+    weights, moments and step count as they were) with no host sync, as under FSDP2 (parallel/backend.py
+    step_role). DeepSpeed then unscales the gradients by the NaN norm and copies the unchanged fp32 partitions to
+    the compute weights: nothing moves. Scoped to the call: the module attribute is restored after."""
+    stage3 = sys.modules["deepspeed.runtime.zero.stage3"]
+    host_check = stage3.is_invalid_grad_norm
+
+    def flag_on_device(norm: torch.Tensor) -> bool:
+        bad = (~torch.isfinite(norm) | (norm < 0)).any().float().reshape(()).to(found_inf.device)
+        torch.maximum(found_inf, bad, out=found_inf)
+        return False
+
+    stage3.is_invalid_grad_norm = flag_on_device
+    try:
+        yield
+    finally:
+        stage3.is_invalid_grad_norm = host_check
 
 
 BUCKET_CAP = 50_000_000
@@ -161,15 +193,17 @@ class Zero3Backend(Backend):
                 raise RuntimeError(f"ZeRO-3 {role}: backward finished without its gradient epilogue")
 
     def clip_and_step(self, roles: tuple[str, ...], skip: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """skip: the guards' flag, handed to the fused client AdamW as found_inf (DeepSpeed computes the norm inside
-        its step, so only the loss flag can skip here)."""
+        """skip: the guards' flag. The fused client AdamW gets found_inf = skip or a non-finite gradient norm, the
+        norm's part set inside DeepSpeed's step on the device (norm_check_on_device): no host sync."""
         norms = {}
         for role in roles:
             engine, optimizer = self.engines[role], self.optimizers[role]
-            if skip is not None:
-                optimizer.found_inf = skip
+            found_inf = (torch.zeros((), device=self.dist.device) if skip is None
+                         else skip.detach().float().reshape(()).to(self.dist.device).clone())
+            optimizer.found_inf = found_inf
             try:
-                engine.step()                 # clip (gradient_clipping) + AdamW on the fp32 partitions + zero grads
+                with norm_check_on_device(found_inf):
+                    engine.step()             # clip (gradient_clipping) + AdamW on the fp32 partitions + zero grads
             finally:
                 optimizer.__dict__.pop("found_inf", None)
             norm = engine.get_global_grad_norm()

@@ -9,7 +9,8 @@ Shapes (B = batch):
   images         ids [B], images list[PIL.Image], captions list[str]            (raw, before VAE encoding)
   real_latents   ids [B], latents [B, C, H, W] float16 (toy: [B, D]), captions list[str], labels [B]
   video_latents  ids [B], latents [B, C, F, H, W] float16, captions list[str], num_frames [B] int64
-  ode_pairs      ids [B], noise [B, ...] float32 (unit variance, as drawn), noise_seeds [B] int64,
+  ode_pairs      ids [B], noise [B, ...] float32 (unit variance, as drawn), noise_seeds [B] int64 (the draw's key:
+                 parallel/randomness.py counter_normal(key, ids, shape) regenerates the noise),
                  outputs [B, ...] float32 (the teacher's deterministic ODE solution), texts, labels [B],
                  sampler dict (name, steps, guidance_scale, schedule) per sample
 

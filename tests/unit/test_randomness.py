@@ -2,7 +2,7 @@
 import torch
 
 from data.toy import ToyStream, load_toy
-from parallel.randomness import StepRandom, derive_seed, sample_indices
+from parallel.randomness import StepRandom, counter_normal, derive_seed, sample_indices
 
 
 def test_two_ranks_draw_what_one_rank_draws():
@@ -58,3 +58,18 @@ def test_toy_stream_is_a_pure_function_of_sample_index():
     x_a, _ = ToyStream(load_toy("digits"), seed=0).batch(range(n - 3, n + 3))   # across the epoch boundary
     x_b = torch.cat([stream.batch(range(n - 3, n))[0], stream.batch(range(n, n + 3))[0]])
     assert torch.equal(x_a, x_b)
+
+
+def test_counter_draws_have_the_moments_of_their_law_and_regenerate_from_their_key():
+    rand = StepRandom(7, 2, range(0, 4))
+    x = rand.normal("noise", (250_000,)).double()                       # [4, 250000]
+    assert abs(x.mean()) < 0.01 and abs(x.std() - 1) < 0.01
+    assert abs((x ** 4).mean() - 3) < 0.05                               # kurtosis: the tails are Gaussian
+    assert abs(((x > 1.96).double().mean()) - 0.025) < 0.002
+    assert torch.corrcoef(x).triu(1).abs().max() < 0.01                  # samples are independent
+    u = StepRandom(7, 2, range(0, 200_000)).uniform("t").double()
+    assert 0.0 <= u.min() and u.max() < 1.0
+    counts = torch.histc(u, bins=16, min=0, max=1)
+    chi_square = ((counts - len(u) / 16) ** 2 / (len(u) / 16)).sum()
+    assert chi_square < 40                                               # 15 dof: p ~ 5e-4 at 40
+    assert torch.equal(counter_normal(rand.key("noise"), torch.tensor([2]), (250_000,))[0], x[2].float())

@@ -1,8 +1,8 @@
 """The `collect` stage: teacher ODE pairs into an MDS stream (kind `ode_pairs`); `python -m trainer.collect` runs it
 alone.
 
-Pair i: noise drawn from the per-sample seed derive_seed(run.seed, 0, i, "ode_noise") (stored, with the unit-variance
-noise itself), the prompt / class of sample i (a pure function of the seed and i; latent families store the prompt's
+Pair i: noise drawn for sample index i under the key derive_seed(run.seed, 0, "ode_noise") (stored as `noise_seed`:
+parallel/randomness.py counter_normal(noise_seed, [i], shape) regenerates it; the unit-variance noise is stored too), the prompt / class of sample i (a pure function of the seed and i; latent families store the prompt's
 text, its id in the prompt stream and its embeddings in the pair, so training conditions each pair on its own
 prompt without the prompt table), and the teacher's deterministic multi-step ODE solution at the recipe's guidance
 scale (`collect.sampler_steps`, `collect.guidance_scale`). Micro-batch j holds pairs [j*micro_batch,
@@ -25,7 +25,7 @@ from tqdm import tqdm
 from data.parts import PartsWriter, units_of_rank
 from data.schemas import columns, embedding_columns
 from parallel.distributed import barrier
-from parallel.randomness import StepRandom, derive_seed
+from parallel.randomness import StepRandom
 from trainer.families import build_family
 from trainer.families.latent import LatentFamily
 from trainer.families.prompts import embedding_fields
@@ -57,7 +57,8 @@ class PairCollector:
     def samples(self, indices: range) -> list[dict]:
         family, seed = self.family, self.seed
         labels = family.prompt_labels(indices, seed)
-        noise = StepRandom(seed, 0, indices).normal("ode_noise", family.data_shape)
+        rand = StepRandom(seed, 0, indices)
+        noise = rand.normal("ode_noise", family.data_shape)
         if self.latent:
             rows, texts = family.embeddings(labels), family.prompts.texts(labels)   # the micro-batch's rows only
         else:
@@ -68,7 +69,7 @@ class PairCollector:
                                      family.condition(rows, self.device),
                                      family.null_condition(len(indices), self.device), self.guidance, self.steps)
         outputs = outputs.float().cpu()   # the one device-to-host copy per micro-batch
-        return [{"id": i, "noise": noise[k].numpy(), "noise_seed": derive_seed(seed, 0, i, "ode_noise"),
+        return [{"id": i, "noise": noise[k].numpy(), "noise_seed": rand.key("ode_noise"),
                  "output": outputs[k].numpy(), "text": texts[k], "label": int(labels[k]) if family.conditional else -1,
                  "sampler": self.sampler, **(embedding_fields(rows, k, "float16") if self.latent else {})}
                 for k, i in enumerate(indices)]

@@ -9,16 +9,26 @@ from parallel.parallelize import ParallelizePlan
 from parallel.zero3 import Zero3Backend
 
 
-def parallelize_plan(parallel_cfg, family) -> ParallelizePlan:
+def compile_enabled(parallel_cfg, device_type: str) -> bool:
+    """`parallel.compile`, with its default resolved: on with CUDA except under ZeRO-3 (validated: an explicit
+    true with zero3 is refused before start)."""
+    if parallel_cfg.compile is not None:
+        return parallel_cfg.compile
+    return device_type == "cuda" and parallel_cfg.backend != "zero3"
+
+
+def parallelize_plan(parallel_cfg, family, device_type: str = "cpu") -> ParallelizePlan:
     """The recipe's and the family's part of every role's transforms (parallel/parallelize.py)."""
+    compiled = compile_enabled(parallel_cfg, device_type)
     return ParallelizePlan(attention=parallel_cfg.attention,
                            checkpoint_roles=frozenset(parallel_cfg.activation_checkpointing),
-                           blocks=family.shard_units)
+                           blocks=family.shard_units,
+                           compile_backend=parallel_cfg.compile_backend if compiled else None)
 
 
 def build_backend(parallel_cfg, dist_info, family, grad_clip: float, ema_decay: float) -> Backend:
     """The backend named by `parallel.backend`, for this process group and model family."""
-    plan = parallelize_plan(parallel_cfg, family)
+    plan = parallelize_plan(parallel_cfg, family, dist_info.device.type)
     if parallel_cfg.backend == "data_parallel":
         return DataParallelBackend(dist_info, grad_clip=grad_clip, ema_decay=ema_decay, plan=plan)
     if parallel_cfg.backend == "zero3":

@@ -171,6 +171,13 @@ class ParallelConfig(Section):
                                    "stage3_param_persistence_threshold)")
     activation_checkpointing: list[Literal["generator", "teacher", "fake_score"]] = Field(
         default_factory=list, description="roles whose blocks recompute activations in backward (fsdp2)")
+    compile: Optional[bool] = Field(
+        None, description="torch.compile each block of every denoiser role (regional compilation, "
+                          "parallel/parallelize.py); unset: on with CUDA under fsdp2 and data_parallel, off on CPU "
+                          "and under zero3 (its per-submodule hooks do not compile)")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor", description="torch.compile backend (aot_eager: the same graphs without generated kernels, "
+                                "what the CPU tests use)")
 
 
 Stage = Literal["teacher", "collect", "pretrain", "distill", "evaluate"]

@@ -126,6 +126,9 @@ def check_recipe(recipe, path: str, provenance: dict | None = None) -> None:
         fail("parallel.backend", "dp_replicate / dp_shard / mixed_precision / cpu_offload / activation_checkpointing "
                                  "need a sharded backend",
              "set parallel.backend: fsdp2")
+    if p.compile and p.backend == "zero3":
+        fail("parallel.compile", "torch.compile does not combine with ZeRO-3's per-submodule parameter hooks",
+             "set parallel.backend: fsdp2, or leave parallel.compile unset (off under zero3)")
     if [st for st in STAGE_ORDER if st in recipe.stages] != list(recipe.stages):
         fail("stages", f"stages must be a subset in the order {STAGE_ORDER}", "e.g. [teacher, distill, evaluate]")
     check_pretrain(recipe, fail)

@@ -71,25 +71,32 @@ def nonfinite_gradient_skips(trainer) -> dict:
             "moved_next": max((moved_next[k] - v).abs().max().item() for k, v in after.items())}
 
 
-def count(backend: str, plant: bool) -> tuple[dict, object]:
+def build(backend: str):
     recipe = load_recipe(os.path.join(ROOT, "recipes", "tiny", "sdxl_tiny.yaml"), [
         "teacher.pretrained=org/host-sync-check", f"parallel.backend={backend}",
         "parallel.zero3_persistence_threshold=0", "distill.train.batch_size=2"])
     trainer = build_trainer(recipe, info, build_family(recipe, planning=True))
-    if plant:
-        def read_on_host(module, args, output):
-            output.float().sum().item()   # the planted sync; returns None, so the output is kept
-
-        trainer.nets.generator.register_forward_hook(read_on_host)
     trainer.train_step(0, collections.defaultdict(list))   # warm-up: lazy initialisation (FSDP2, DeepSpeed)
+    return trainer
+
+
+def count(trainer, steps) -> dict:
     with HostSyncCounter() as counter:
-        for step in range(1, 4):
+        for step in steps:
             trainer.train_step(step, collections.defaultdict(list))
-    return {"counts": dict(counter.counts), "stacks": counter.first_stack}, trainer
+    return {"counts": dict(counter.counts), "stacks": counter.first_stack}
+
+
+def read_on_host(module, args, output):
+    output.float().sum().item()   # the planted sync; returns None, so the output is kept
 
 
 info = init_distributed(need_group=True)
-result = {"fsdp2": count("fsdp2", plant=False)[0], "fsdp2_planted": count("fsdp2", plant=True)[0]}
-result["zero3"], zero3_trainer = count("zero3", plant=False)
-result["zero3_nonfinite_gradient"] = nonfinite_gradient_skips(zero3_trainer)
+fsdp2 = build("fsdp2")
+result = {"fsdp2": count(fsdp2, range(1, 4))}
+fsdp2.nets.generator.register_forward_hook(read_on_host)
+result["fsdp2_planted"] = count(fsdp2, range(4, 7))
+zero3 = build("zero3")
+result["zero3"] = count(zero3, range(1, 4))
+result["zero3_nonfinite_gradient"] = nonfinite_gradient_skips(zero3)
 json.dump(result, open(sys.argv[1], "w"), indent=1)

@@ -108,6 +108,8 @@ CASES = {
                                         "parallel.attention", "sdpa"),
     "sequence parallel heads": (COGVIDEOX + "parallel: {backend: fsdp2, sp: 4}\n", [], "parallel.sp",
                                 "2 attention heads do not split over parallel.sp = 4"),
+    "compile with zero3": (COGVIDEOX + "parallel: {backend: zero3, compile: true}\n", [], "parallel.compile",
+                           "parallel.backend: fsdp2"),
     "sequence parallel stages": (COGVIDEOX.replace("[distill]", "[collect, distill]") +
                                  "parallel: {backend: fsdp2, sp: 2}\n", [], "stages", "distill stage only"),
 }

@@ -9,9 +9,10 @@ import os
 
 from data.streams import TrainingStream, is_local, read_root, require_embeddings, verify_local_stream
 from data.toy import ToyStream
-from parallel.backends import build_backend
+from parallel.backends import build_backend, compile_enabled
 from parallel.distributed import barrier
 from parallel.randomness import derive_seed
+from parallel.runtime_env import compile_cache_defaults
 from trainer.families import build_family, prompt_stream_path
 from trainer.config import dump_recipe
 from trainer.families.latent import LatentFamily
@@ -36,6 +37,8 @@ def build_stage_trainer(recipe, run_dir: str, dist_info, stage: str = "distill")
     denoiser, generator_denoiser = build_denoiser(recipe), build_generator_denoiser(recipe)
     method = build_method(section.method)
     train = section.train
+    if compile_enabled(recipe.parallel, dist_info.device.type):
+        compile_cache_defaults(run_dir)   # before the first compilation reads the variables
     backend = build_backend(recipe.parallel, dist_info, family, train.grad_clip, train.ema_decay)
     nets = assemble_roles(recipe, run_dir, backend, family, method, section.optimizer,
                           generator_init_path(recipe, run_dir, stage))

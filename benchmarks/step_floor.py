@@ -1,0 +1,235 @@
+"""Step speed against its floor, measured in the same process (issue "step speed", docs/parallelism.md "Step
+speed"): the trainer's full ADM step beside the same network passes on the stock modules.
+
+    python benchmarks/step_floor.py [--families sdxl sd3 cogvideox] [--batch 4] [--steps 3] [--compile-backend B]
+
+Per family, on one device:
+- **trainer**: `StageTrainer.train_step` with FSDP2 wrapping forced on (1 rank: every block is its own FSDP2 unit,
+  as on 8-32 GPUs), eager; then the same with `parallel.compile` (compile time printed apart, from the first step);
+- **stock passes**: the step's passes written out on the same module classes built plain (no wrapper, no hooks,
+  no backend): the generator forward (its graph kept), the fake score's denoising loss + backward + AdamW, the
+  generator's loss through the frozen fake score's input and the teacher's tapped backbone + heads, backward, AdamW
+  and the EMA, then the teacher's CFG forward, the fake step and the heads' hinge loss + backward + AdamW. Noise
+  from torch.randn; the schedule maths is the project's denoiser (pure elementwise maths, the same in both).
+- Precision: CUDA: fp32 master weights under bf16 (FSDP2's bf16 policy for the trainer, bf16 autocast for the stock
+  passes, frozen roles held in bf16 on both sides); CPU: fp32 both.
+- Printed: ms per sample (host clocks on CPU; CUDA: wall with a synchronise at the end of the timed steps), the
+  ratio to the stock passes, dispatched aten ops per step (a TorchDispatchMode over one step: every op that reaches
+  the dispatcher, ours, FSDP2's and the stock code's), peak memory and GPU busy time (torch.profiler's device time)
+  on CUDA, and versions.
+
+Without CUDA it runs the tiny twins (recipes/tiny/*): the dry run before device time, and the CPU proxy of the
+issue's target (dispatched ops of the trainer / stock passes <= 1.10, eager).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from parallel.runtime_env import apply_runtime_defaults  # noqa: E402
+apply_runtime_defaults()
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from parallel.distributed import init_distributed  # noqa: E402
+from trainer.config import load_recipe  # noqa: E402
+from trainer.denoiser import cat_conditions  # noqa: E402
+from trainer.families import build_family  # noqa: E402
+from trainer.losses import denoising_loss, hinge_discriminator_loss, hinge_generator_loss  # noqa: E402
+from trainer.memory_plan import build_trainer  # noqa: E402
+
+TINY = {"sdxl": "sdxl_tiny", "sd3": "sd3_medium_tiny", "cogvideox": "cogvideox_2b_tiny"}
+FULL = {"sdxl": ("sdxl_tiny", ["family.model=sdxl", "family.resolution=1024"]),
+        "sd3": ("sd3_medium_tiny", ["family.model=sd3_medium", "family.resolution=1024"]),
+        "cogvideox": ("cogvideox_2b_tiny", ["family.model=cogvideox_2b", "family.frames=13", "family.height=480",
+                                            "family.width=720"])}
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def stock_step(t, ctx, optimizers: dict, ema: list, autocast) -> None:
+    """One ADM step's passes on plain modules (see the module docstring); t: a data_parallel trainer on 1 rank,
+    whose roles are the plain modules. ctx: its step context (conditioning only)."""
+    nets, den = t.nets, t.denoiser
+    cfg, shape = t.method.cfg, t.family.data_shape
+    b, device = len(ctx.rand.sample_indices), t.dist.device
+    schedule = den.schedule
+
+    def times(lo, hi):
+        return schedule.timesteps_from_uniform(torch.rand(b, device=device), lo, hi)
+
+    def step(role):
+        params = [p for p in nets.role(role).parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, 10.0, foreach=True)
+        optimizers[role].step()
+        optimizers[role].zero_grad(set_to_none=True)
+
+    def updating(role_updated):
+        """Only the updated role's weights require grad (the generator's too: its sample keeps its graph)."""
+        for role in ("generator", "fake_score", "heads"):
+            nets.role(role).requires_grad_(role in (role_updated, "generator"))
+
+    updating("fake_score")
+    with autocast:
+        noise = torch.randn(b, *shape, device=device)
+        t_gen = torch.full((b,), float(t.conditioning_timestep or t.student_timesteps[0]), device=device)
+        x0g = den.predict(nets.generator, noise, t_gen, ctx.cond).x0          # graph kept for the generator phase
+        # fake score: denoising loss on the detached sample
+        x, eps, ts = x0g.detach(), torch.randn(b, *shape, device=device), times(0.0, 1.0)
+        loss = denoising_loss(nets.fake_score(den.add_noise(x, eps, ts), ts, **ctx.cond), den.target(x, eps, ts))
+    loss.backward()
+    step("fake_score")
+    with autocast:
+        # generator: through the frozen fake score's input and the teacher's tapped backbone
+        updating("generator")
+        ts = times(cfg.t_min_frac, cfg.t_max_frac)
+        u = ts - 1000.0 * cfg.dt_frac
+        x_t = den.add_noise(x0g.float(), torch.randn(b, *shape, device=device), ts)
+        x_fake = den.ode_step(den.predict(nets.fake_score, x_t, ts, ctx.cond), x_t, ts, u)
+        loss = hinge_generator_loss(nets.heads(den.tapped_features(nets.teacher, x_fake, u, ctx.cond)))
+    loss.backward()
+    step("generator")
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, [p.float() for p in nets.generator.parameters()], 0.001)
+    with autocast:
+        updating("heads")
+        with torch.no_grad():
+            x_t = den.add_noise(x0g.detach().float(), torch.randn(b, *shape, device=device), ts)
+            real = den.predict(nets.teacher, x_t, ts, ctx.cond, ctx.uncond, cfg.guidance_scale)
+            x_real = den.ode_step(real, x_t, ts, u)
+            x_fake = den.ode_step(den.predict(nets.fake_score, x_t, ts, ctx.cond), x_t, ts, u)
+            features = den.tapped_features(nets.teacher, torch.cat([x_real, x_fake]), torch.cat([u, u]),
+                                           cat_conditions(ctx.cond, ctx.cond))
+        real_logits, fake_logits = nets.heads(features).chunk(2)
+        loss = hinge_discriminator_loss(real_logits, fake_logits)
+    loss.backward()
+    step("heads")
+
+
+def timed(fn, steps: int, cuda: bool) -> float:
+    """Seconds per call of fn(step) over `steps` calls (after the caller's warm-up)."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for step in range(steps):
+        fn(step)
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def measure(fn, warmup_step, steps: int, cuda: bool) -> dict:
+    """First call (lazy init, compilation), timed calls, one counted call, one profiled call (CUDA)."""
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    fn(warmup_step)
+    if cuda:
+        torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    seconds = timed(fn, steps, cuda)
+    counter = OpCounter()
+    with counter:
+        fn(steps + 1)
+    out = {"first_s": first, "step_s": seconds, "ops": counter.ops}
+    if cuda:
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        from torch.profiler import ProfilerActivity, profile  # profiler: CUDA runs only
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn(steps + 2)
+            torch.cuda.synchronize()
+        out["gpu_busy_s"] = sum(e.self_device_time_total for e in prof.key_averages()) * 1e-6
+    return out
+
+
+def release(*objects) -> None:
+    del objects
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def family_rows(name: str, args, info, cuda: bool) -> list[tuple[str, dict]]:
+    recipe_name, size = (FULL[name] if cuda else (TINY[name], []))
+    common = ["teacher.pretrained=org/step-floor-benchmark-only", f"distill.train.batch_size={args.batch}",
+              "distill.method.ttur=1", *size, *(["parallel.mixed_precision=bf16"] if cuda else []), *args.overrides]
+    path = os.path.join(ROOT, "recipes", "tiny", f"{recipe_name}.yaml")
+    rows = []
+
+    def trainer_variant(label: str, extra: list[str]):
+        recipe = load_recipe(path, [*common, "parallel.backend=fsdp2", *extra])
+        t = build_trainer(recipe, info, build_family(recipe, planning=True))
+        rows.append((label, measure(lambda s: t.train_step(s, collections.defaultdict(list)), 0, args.steps, cuda)))
+        release(t)
+
+    trainer_variant("trainer, FSDP2, eager", ["parallel.compile=false"])
+    trainer_variant(f"trainer, FSDP2, compiled ({args.compile_backend})",
+                    ["parallel.compile=true", f"parallel.compile_backend={args.compile_backend}"])
+    # the stock modules: a 1-rank data_parallel build holds each role plain (no wrapper, no hooks)
+    recipe = load_recipe(path, [*common, "parallel.backend=data_parallel", "parallel.compile=false",
+                                "parallel.mixed_precision=fp32"])
+    plain = build_trainer(recipe, info, build_family(recipe, planning=True))
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    if cuda:
+        plain.nets.teacher.to(torch.bfloat16)   # frozen roles in bf16, as the trainer holds them
+    optimizers = {role: torch.optim.AdamW([p for p in plain.nets.role(role).parameters()], lr=1e-6, fused=True)
+                  for role in ("generator", "fake_score", "heads")}
+    ema = [p.detach().float().clone() for p in plain.nets.generator.parameters()]
+    ctx = plain.make_context(0)
+    rows.append(("stock passes (plain modules, no wrapper)",
+                 measure(lambda s: stock_step(plain, ctx, optimizers, ema, autocast), 0, args.steps, cuda)))
+    release(plain, optimizers, ema, ctx)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", default=["sdxl"], choices=sorted(TINY))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--compile-backend", default=None, help="default: inductor (aot_eager with --smoke)")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every code path (CI runs it)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.batch = 1, 2
+    args.compile_backend = args.compile_backend or ("aot_eager" if args.smoke else "inductor")
+    cuda = torch.cuda.is_available()
+    info = init_distributed(need_group=True)
+    import diffusers  # versions line only (already imported by the families)
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}, "
+          f"device {torch.cuda.get_device_name() if cuda else 'cpu (' + platform.processor() + ')'}, "
+          f"{'full-size, bf16 autocast over fp32 masters' if cuda else 'tiny twins, fp32'}, batch {args.batch}, "
+          f"{args.steps} timed steps after one warm-up", flush=True)
+    print("| family | variant | first step s | ms / sample | ratio to stock | aten ops / step | ops ratio | "
+          "peak GiB | GPU busy ms / sample |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.families:
+        rows = family_rows(name, args, info, cuda)
+        stock = rows[-1][1]
+        for label, r in rows:
+            busy = f"{r['gpu_busy_s'] * 1e3 / args.batch:.1f}" if "gpu_busy_s" in r else "-"
+            peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
+            print(f"| {name} | {label} | {r['first_s']:.1f} | {r['step_s'] * 1e3 / args.batch:.1f} | "
+                  f"{r['step_s'] / stock['step_s']:.3f} | {r['ops']} | {r['ops'] / stock['ops']:.3f} | {peak} | "
+                  f"{busy} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,8 @@
 """
 from __future__ import annotations
 
-import os
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -45,10 +46,14 @@ def load_local_shards(module: nn.Module, source) -> None:
             local.copy_(source.rows(name, offset[0], offset[0] + local_shape[0]).view(local_shape))
 
 
+def fsdp_units(module: nn.Module) -> list[FSDPModule]:
+    return [sub for sub in module.modules() if isinstance(sub, FSDPModule)]
+
+
 class FSDP2Backend(Backend):
     def __init__(self, dist_info, dims, grad_clip: float = 10.0, ema_decay: float = 0.999,
                  mixed_precision: str = "fp32", reshard_after_forward: bool = True, cpu_offload: bool = False,
-                 plan: ParallelizePlan = ParallelizePlan()):
+                 plan: ParallelizePlan = ParallelizePlan(), keep_gathered: frozenset = frozenset()):
         super().__init__(plan)
         self.dist, self.dims = dist_info, dims
         self.grad_clip, self.ema_decay = grad_clip, ema_decay
@@ -60,6 +65,7 @@ class FSDP2Backend(Backend):
                           if mixed_precision == "bf16" else MixedPrecisionPolicy())
         self.offload = CPUOffloadPolicy() if cpu_offload else None
         self.reshard_after_forward = reshard_after_forward
+        self.keep_gathered = frozenset(keep_gathered)   # roles whose weights stay gathered between calls (below)
         self.ema_shards: list[torch.Tensor] = []
         self.ema_names: list[str] = []
 
@@ -96,7 +102,9 @@ class FSDP2Backend(Backend):
                 # a frozen role needs no fp32 master: held in the compute dtype it takes half the memory and its
                 # all-gathers need no cast (docs/design.md: frozen roles are held in bf16)
                 module.to(dtype)
-        kwargs = dict(mesh=self.shard_mesh, mp_policy=self.mp_policy, reshard_after_forward=self.reshard_after_forward)
+        kept = role in self.keep_gathered
+        kwargs = dict(mesh=self.shard_mesh, mp_policy=self.mp_policy,
+                      reshard_after_forward=False if kept else self.reshard_after_forward)
         if self.offload is not None:
             kwargs["offload_policy"] = self.offload
         # the fixed order of parallel/parallelize.py: attention -> activation checkpointing -> FSDP per block -> root
@@ -104,8 +112,41 @@ class FSDP2Backend(Backend):
         for unit in prepare_role(role, module, self.plan, self.sequence):
             fully_shard(unit, **kwargs)
         fully_shard(module, **kwargs)
+        if kept:
+            for unit in fsdp_units(module):
+                unit.set_reshard_after_backward(False)
         self.modules[role] = module
         return module
+
+    # --- gathered weights --------------------------------------------------------------------------------------
+    # `parallel.keep_gathered`: a role's units are resharded only when their gathered copy would be wrong, not after
+    # every forward and backward: after the role's optimizer step (the copy is stale) and before its parameters'
+    # requires_grad changes (FSDP2 reads the flags when it gathers; toggled on a gathered copy they are lost at the
+    # next reshard). The teacher, never updated and always frozen, is then gathered once and kept; a fake score
+    # called 3 times a step (5 gathers) is gathered twice. Cost: the role's full weights stay on every rank between
+    # calls (the planner traces the same backend, so its plan includes them). Resharded before any state dict:
+    # a gathered module's state_dict holds the full tensors, not the shards.
+    def reshard_role(self, role: str) -> None:
+        for unit in fsdp_units(self.modules[role]):
+            unit.reshard()
+
+    def reshard_gathered(self) -> None:
+        for role in self.modules:
+            self.reshard_role(role)
+
+    @contextlib.contextmanager
+    def frozen(self, modules: list[nn.Module]) -> Iterator[None]:
+        """Backend.frozen, resharding first each module whose flags change (see reshard_role): FSDP2 takes
+        requires_grad from the sharded parameters when it gathers."""
+        changing = [m for m in modules if any(p.requires_grad for p in m.parameters())]
+        for module in changing:
+            for unit in fsdp_units(module):
+                unit.reshard()
+        with super().frozen(modules):
+            yield
+            for module in changing:
+                for unit in fsdp_units(module):
+                    unit.reshard()
 
     def setup_ema(self, role: str = "generator") -> None:
         named = list(self.modules[role].named_parameters())
@@ -122,10 +163,7 @@ class FSDP2Backend(Backend):
             for role, args in example_inputs.items():
                 if role in self.optimizers:
                     self.modules[role](*args)
-        for module in self.modules.values():
-            for sub in module.modules():
-                if isinstance(sub, FSDPModule):
-                    sub.reshard()
+        self.reshard_gathered()
 
     # --- steps -----------------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, roles: tuple[str, ...]) -> None:
@@ -134,6 +172,9 @@ class FSDP2Backend(Backend):
     def clip_and_step(self, roles: tuple[str, ...], skip: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         norms = {}
         for role in roles:
+            # sharded parameters (their gradients); the gathered copy would be stale after the step anyway, so the
+            # next forward gathers the updated weights
+            self.reshard_role(role)
             params = [p for p in self.modules[role].parameters() if p.grad is not None]
             total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
             if isinstance(total, DTensor):
@@ -148,6 +189,7 @@ class FSDP2Backend(Backend):
         torch._foreach_lerp_(self.ema_shards, [p.to_local().float() for p in self.ema_params], 1.0 - self.ema_decay)
 
     def full_grads(self, role: str) -> dict[str, torch.Tensor]:
+        self.reshard_role(role)
         return {n: p.grad.full_tensor().float().cpu() for n, p in self.modules[role].named_parameters()
                 if p.grad is not None}
 
@@ -163,6 +205,7 @@ class FSDP2Backend(Backend):
 
     def full_state(self, role: str) -> dict[str, torch.Tensor]:
         """Full tensors on every rank (collective: call on all ranks)."""
+        self.reshard_gathered()
         if role == "ema":
             return {k: v.full_tensor().cpu() for k, v in self._ema_dtensors().items()}
         sd = get_model_state_dict(self.modules[role], options=StateDictOptions(full_state_dict=True))
@@ -177,9 +220,11 @@ class FSDP2Backend(Backend):
         return state
 
     def save_state(self, directory: str) -> None:
+        self.reshard_gathered()
         dcp.save(self._dcp_state(), checkpoint_id=directory)
 
     def load_state(self, directory: str) -> None:
+        self.reshard_gathered()
         state = self._dcp_state()           # current layout (also materialises empty optimizer state)
         safe_dcp.load(state, directory)   # metadata through the allow-list (parallel/safe_dcp.py)
         for role, opt in self.optimizers.items():

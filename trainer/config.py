@@ -163,6 +163,10 @@ class ParallelConfig(Section):
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="attention kernels of the diffusers roles: "
                                                    "torch SDPA, or xformers (CUDA only; trainer/attention.py)")
     reshard_after_forward: bool = True
+    keep_gathered: list[Literal["generator", "teacher", "fake_score", "heads"]] = Field(
+        default_factory=list, description="fsdp2: roles whose gathered weights are kept between calls and "
+                                          "regathered only after their update or a freeze change (parallel/fsdp.py): "
+                                          "fewer all-gathers for the role's full weights on every rank")
     cpu_offload: bool = False
     gpu_memory_gib: Optional[float] = Field(
         None, gt=0, description="memory of one GPU; the planner (--dry-run) warns when its prediction exceeds it")

@@ -12,17 +12,18 @@ import pytest
 from tests.distributed.test_data_parallel import ENV, free_port
 from tests.helpers import ROOT
 
-WORKER = os.path.join(ROOT, "tests", "distributed", "compile_worker.py")
+WORKER = os.path.join(ROOT, "tests", "distributed", "variant_worker.py")
 BOUND = 1e-4
 
 
-def compare(tmp_path, ranks: int, recipe: str, backends: str, *overrides) -> dict:
+def compare(tmp_path, ranks: int, recipe: str, variants: dict, *overrides) -> dict:
     out = tmp_path / f"{recipe}.json"
     prefix = [sys.executable] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--rdzv-backend", "c10d",
         "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
     env = dict(ENV, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))   # cold: no kernels from earlier runs
-    result = subprocess.run([*prefix, WORKER, str(out), recipe, backends, "distill.train.batch_size=2", *overrides],
+    result = subprocess.run([*prefix, WORKER, str(out), recipe, json.dumps(variants), "distill.train.batch_size=2",
+                             *overrides],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out.read_text())
@@ -45,7 +46,19 @@ def check(r: dict, heads_bound: float = BOUND) -> None:
     ("cogvideox_2b_tiny", 2, "aot_eager", ("parallel.sp=2", "family.height=48", "family.width=48")),
 ])
 def test_compiled_training_equals_eager(tmp_path, recipe, ranks, backends, overrides):
-    result = compare(tmp_path, ranks, recipe, backends, *overrides)
-    assert set(result) == set(backends.split(","))
+    variants = {b: ["parallel.compile=true", f"parallel.compile_backend={b}"] for b in backends.split(",")}
+    result = compare(tmp_path, ranks, recipe, variants, *overrides)
+    assert set(result) == set(variants)
     for backend, r in result.items():
         check(r, heads_bound=1e-3 if backend == "inductor" else BOUND)
+
+
+def test_gather_policies_train_as_the_default(tmp_path):
+    """`parallel.reshard_after_forward: false` (it used to fail the first ADM backward: a role gathered by a forward
+    without backward kept its gathered copy's requires_grad across a freeze) and `parallel.keep_gathered` on every
+    role train the tiny SDXL twin exactly as per-call resharding does: the same weights in the same ops."""
+    result = compare(tmp_path, 1, "sdxl_tiny", {
+        "no_reshard_after_forward": ["parallel.reshard_after_forward=false"],
+        "keep_gathered": ["parallel.keep_gathered=[teacher,fake_score,generator,heads]"]})
+    for r in result.values():
+        assert r["losses"] == 0.0 and all(v == 0.0 for v in r["grads"].values()), r

@@ -108,6 +108,8 @@ CASES = {
                                         "parallel.attention", "sdpa"),
     "sequence parallel heads": (COGVIDEOX + "parallel: {backend: fsdp2, sp: 4}\n", [], "parallel.sp",
                                 "2 attention heads do not split over parallel.sp = 4"),
+    "keep gathered without fsdp2": (COGVIDEOX + "parallel: {backend: zero3, keep_gathered: [teacher]}\n", [],
+                                    "parallel.keep_gathered", "parallel.backend: fsdp2"),
     "compile with zero3": (COGVIDEOX + "parallel: {backend: zero3, compile: true}\n", [], "parallel.compile",
                            "parallel.backend: fsdp2"),
     "sequence parallel stages": (COGVIDEOX.replace("[distill]", "[collect, distill]") +

@@ -42,5 +42,6 @@ def build_backend(parallel_cfg, dist_info, family, grad_clip: float, ema_decay: 
                             mixed_precision=parallel_cfg.mixed_precision,
                             reshard_after_forward=parallel_cfg.reshard_after_forward,
                             cpu_offload=parallel_cfg.cpu_offload, plan=plan,
-                            keep_gathered=frozenset(parallel_cfg.keep_gathered))
+                            keep_gathered=frozenset(parallel_cfg.keep_gathered),
+                            min_unit_params=parallel_cfg.fsdp_min_unit_params)
     raise ValueError(f"unknown parallel backend '{parallel_cfg.backend}'")

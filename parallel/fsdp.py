@@ -46,6 +46,28 @@ def load_local_shards(module: nn.Module, source) -> None:
             local.copy_(source.rows(name, offset[0], offset[0] + local_shape[0]).view(local_shape))
 
 
+def fsdp_groups(blocks: list[nn.Module], min_params: int) -> list:
+    """The FSDP2 units of a role's blocks: each block alone (min_params 0), or runs of consecutive blocks holding at
+    least `min_params` parameters together (a list is one unit: one all-gather, one reduce-scatter). Small blocks
+    cost FSDP2's per-unit bookkeeping (hooks, record_function markers, copy-in / copy-out) for little memory saved.
+    A trailing run below the threshold joins the previous unit."""
+    if min_params <= 0:
+        return blocks
+    groups, current, count = [], [], 0
+    for block in blocks:
+        current.append(block)
+        count += sum(p.numel() for p in block.parameters())
+        if count >= min_params:
+            groups.append(current)
+            current, count = [], 0
+    if current:
+        if groups:
+            groups[-1].extend(current)
+        else:
+            groups.append(current)
+    return [g[0] if len(g) == 1 else g for g in groups]
+
+
 def fsdp_units(module: nn.Module) -> list[FSDPModule]:
     return [sub for sub in module.modules() if isinstance(sub, FSDPModule)]
 
@@ -53,7 +75,8 @@ def fsdp_units(module: nn.Module) -> list[FSDPModule]:
 class FSDP2Backend(Backend):
     def __init__(self, dist_info, dims, grad_clip: float = 10.0, ema_decay: float = 0.999,
                  mixed_precision: str = "fp32", reshard_after_forward: bool = True, cpu_offload: bool = False,
-                 plan: ParallelizePlan = ParallelizePlan(), keep_gathered: frozenset = frozenset()):
+                 plan: ParallelizePlan = ParallelizePlan(), keep_gathered: frozenset = frozenset(),
+                 min_unit_params: int = 0):
         super().__init__(plan)
         self.dist, self.dims = dist_info, dims
         self.grad_clip, self.ema_decay = grad_clip, ema_decay
@@ -66,6 +89,7 @@ class FSDP2Backend(Backend):
         self.offload = CPUOffloadPolicy() if cpu_offload else None
         self.reshard_after_forward = reshard_after_forward
         self.keep_gathered = frozenset(keep_gathered)   # roles whose weights stay gathered between calls (below)
+        self.min_unit_params = min_unit_params          # blocks grouped into units of at least this many (fsdp_groups)
         self.ema_shards: list[torch.Tensor] = []
         self.ema_names: list[str] = []
 
@@ -109,7 +133,7 @@ class FSDP2Backend(Backend):
             kwargs["offload_policy"] = self.offload
         # the fixed order of parallel/parallelize.py: attention -> activation checkpointing -> FSDP per block -> root
         # (the root holds what no block owns: embeddings, output layers)
-        for unit in prepare_role(role, module, self.plan, self.sequence):
+        for unit in fsdp_groups(prepare_role(role, module, self.plan, self.sequence), self.min_unit_params):
             fully_shard(unit, **kwargs)
         fully_shard(module, **kwargs)
         if kept:

@@ -100,18 +100,28 @@ class StepRandom:
         self.sample_indices = list(sample_indices)
         self.device = torch.device(device)
         self._indices = index_tensor(sample_indices, self.device)
+        # a draw is a pure function of (purpose, shape) for this step and these samples: phases that draw the same
+        # purpose again (ADM's generator and discriminator share adm_t, adm_eps) reuse the tensor instead of
+        # hashing again (about 120 small ops per draw)
+        self._drawn: dict[tuple, torch.Tensor] = {}
 
     def key(self, purpose: str) -> int:
         """The draw's 63-bit key: counter_normal(key, [i], shape) regenerates sample i's draw (stored with ODE pairs)."""
         return derive_seed(self.seed, self.step, purpose)
 
     def normal(self, purpose: str, shape: Sequence[int]) -> torch.Tensor:
-        """[B, *shape] float32 standard normal."""
-        return counter_normal(self.key(purpose), self._indices, tuple(shape))
+        """[B, *shape] float32 standard normal (the same tensor for a repeated purpose and shape: do not modify it)."""
+        key = ("normal", purpose, tuple(shape))
+        if key not in self._drawn:
+            self._drawn[key] = counter_normal(self.key(purpose), self._indices, tuple(shape))
+        return self._drawn[key]
 
     def uniform(self, purpose: str) -> torch.Tensor:
-        """[B] float32 in [0, 1)."""
-        return counter_uniform(self.key(purpose), self._indices, 1)[:, 0].to(torch.float32)
+        """[B] float32 in [0, 1) (shared like `normal`)."""
+        key = ("uniform", purpose)
+        if key not in self._drawn:
+            self._drawn[key] = counter_uniform(self.key(purpose), self._indices, 1)[:, 0].to(torch.float32)
+        return self._drawn[key]
 
     def shared_randint(self, purpose: str, high: int) -> int:
         """An int in [0, high), the same on every rank (keyed by seed, step and purpose only). Python's generator, not

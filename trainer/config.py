@@ -163,6 +163,9 @@ class ParallelConfig(Section):
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="attention kernels of the diffusers roles: "
                                                    "torch SDPA, or xformers (CUDA only; trainer/attention.py)")
     reshard_after_forward: bool = True
+    fsdp_min_unit_params: int = Field(0, ge=0, description="fsdp2: consecutive blocks are grouped into one unit until "
+                                      "it holds this many parameters (0: one unit per block); fewer units, less "
+                                      "per-unit overhead, larger all-gathers")
     keep_gathered: list[Literal["generator", "teacher", "fake_score", "heads"]] = Field(
         default_factory=list, description="fsdp2: roles whose gathered weights are kept between calls and "
                                           "regathered only after their update or a freeze change (parallel/fsdp.py): "

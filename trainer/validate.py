@@ -126,9 +126,10 @@ def check_recipe(recipe, path: str, provenance: dict | None = None) -> None:
         fail("parallel.backend", "dp_replicate / dp_shard / mixed_precision / cpu_offload / activation_checkpointing "
                                  "need a sharded backend",
              "set parallel.backend: fsdp2")
-    if p.keep_gathered and p.backend != "fsdp2":
-        fail("parallel.keep_gathered", f"keeps FSDP2 units gathered; parallel.backend is {p.backend}",
-             "set parallel.backend: fsdp2, or drop parallel.keep_gathered")
+    for key, value in (("keep_gathered", p.keep_gathered), ("fsdp_min_unit_params", p.fsdp_min_unit_params)):
+        if value and p.backend != "fsdp2":
+            fail(f"parallel.{key}", f"an FSDP2 setting; parallel.backend is {p.backend}",
+                 f"set parallel.backend: fsdp2, or drop parallel.{key}")
     if p.compile and p.backend == "zero3":
         fail("parallel.compile", "torch.compile does not combine with ZeRO-3's per-submodule parameter hooks",
              "set parallel.backend: fsdp2, or leave parallel.compile unset (off under zero3)")

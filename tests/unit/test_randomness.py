@@ -73,3 +73,12 @@ def test_counter_draws_have_the_moments_of_their_law_and_regenerate_from_their_k
     chi_square = ((counts - len(u) / 16) ** 2 / (len(u) / 16)).sum()
     assert chi_square < 40                                               # 15 dof: p ~ 5e-4 at 40
     assert torch.equal(counter_normal(rand.key("noise"), torch.tensor([2]), (250_000,))[0], x[2].float())
+
+
+def test_the_cached_toy_data_is_on_the_cpu_whoever_loads_it_first():
+    """A first load under torch.device("meta") (a network shell being built) used to cache meta tensors for the
+    whole process: every later toy test in that pytest process failed on them."""
+    load_toy.cache_clear()
+    with torch.device("meta"):
+        dataset = load_toy("digits")
+    assert dataset.train_x.device.type == "cpu" and load_toy("digits").train_x.device.type == "cpu"

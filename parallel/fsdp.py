@@ -144,8 +144,8 @@ class FSDP2Backend(Backend):
 
     # --- gathered weights --------------------------------------------------------------------------------------
     # `parallel.keep_gathered`: a role's units are resharded only when their gathered copy would be wrong, not after
-    # every forward and backward: after the role's optimizer step (the copy is stale) and before its parameters'
-    # requires_grad changes (FSDP2 reads the flags when it gathers; toggled on a gathered copy they are lost at the
+    # every forward and backward: at the role's optimizer step (its gradients live on the shards, and the copy would
+    # go stale) and before its parameters' requires_grad changes (FSDP2 reads the flags when it gathers; toggled on a gathered copy they are lost at the
     # next reshard). The teacher, never updated and always frozen, is then gathered once and kept; a fake score
     # called 3 times a step (5 gathers) is gathered twice. Cost: the role's full weights stay on every rank between
     # calls (the planner traces the same backend, so its plan includes them). Resharded before any state dict:

@@ -68,8 +68,11 @@ def fsdp_groups(blocks: list[nn.Module], min_params: int) -> list:
     return [g[0] if len(g) == 1 else g for g in groups]
 
 
-def fsdp_units(module: nn.Module) -> list[FSDPModule]:
-    return [sub for sub in module.modules() if isinstance(sub, FSDPModule)]
+def reshard(module: nn.Module) -> None:
+    """Drop the gathered copy of every FSDP2 unit in `module` (a no-op for units already sharded)."""
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
 
 
 class FSDP2Backend(Backend):
@@ -137,8 +140,9 @@ class FSDP2Backend(Backend):
             fully_shard(unit, **kwargs)
         fully_shard(module, **kwargs)
         if kept:
-            for unit in fsdp_units(module):
-                unit.set_reshard_after_backward(False)
+            for unit in module.modules():
+                if isinstance(unit, FSDPModule):
+                    unit.set_reshard_after_backward(False)
         self.modules[role] = module
         return module
 
@@ -151,12 +155,11 @@ class FSDP2Backend(Backend):
     # calls (the planner traces the same backend, so its plan includes them). Resharded before any state dict:
     # a gathered module's state_dict holds the full tensors, not the shards.
     def reshard_role(self, role: str) -> None:
-        for unit in fsdp_units(self.modules[role]):
-            unit.reshard()
+        reshard(self.modules[role])
 
     def reshard_gathered(self) -> None:
-        for role in self.modules:
-            self.reshard_role(role)
+        for module in self.modules.values():
+            reshard(module)
 
     @contextlib.contextmanager
     def frozen(self, modules: list[nn.Module]) -> Iterator[None]:
@@ -164,13 +167,11 @@ class FSDP2Backend(Backend):
         requires_grad from the sharded parameters when it gathers."""
         changing = [m for m in modules if any(p.requires_grad for p in m.parameters())]
         for module in changing:
-            for unit in fsdp_units(module):
-                unit.reshard()
+            reshard(module)
         with super().frozen(modules):
             yield
             for module in changing:
-                for unit in fsdp_units(module):
-                    unit.reshard()
+                reshard(module)
 
     def setup_ema(self, role: str = "generator") -> None:
         named = list(self.modules[role].named_parameters())

@@ -13,8 +13,8 @@ It replaced a CPU `torch.Generator` re-seeded per sample and purpose, about 2 ms
 host-to-device copy. Hand-written because torch has no keyed counter-based generator that runs identically on
 CPU and CUDA (its CUDA Philox is keyed by one seed and an offset per generator, not per element).
 
-Cost: about 30 elementwise integer kernels per draw over [B, numel]; the hash is two rounds of a 32-bit
-avalanche mix (lowbias32, 0.17 bias), ample for noise and timesteps.
+Cost: about 120 small elementwise ops per draw (most over [B, numel], integer); the hash is two rounds of a 32-bit
+avalanche mix (lowbias32, 0.17 bias), ample for noise and timesteps. A step reuses a draw it already made.
 """
 from __future__ import annotations
 

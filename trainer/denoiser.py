@@ -41,6 +41,20 @@ class Prediction:
     eps: torch.Tensor
 
 
+@dataclass
+class ScorePair:
+    """x0 predictions of the real and the fake score at one (x_t, t) [B, ...] fp32."""
+    x0_real: torch.Tensor
+    x0_fake: torch.Tensor
+
+    @property
+    def direction(self) -> torch.Tensor:
+        """The distribution-matching direction x0_fake - x0_real [B, ...] (DMD, docs/algorithms.md §2): the gradient
+        of the reverse KL w.r.t. the generator's sample points along it (up to DMD's per-sample normaliser), so
+        descent moves the sample toward the teacher's prediction."""
+        return self.x0_fake - self.x0_real
+
+
 def apply_cfg(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """diffusers' convention pred_u + w (pred_c - pred_u), written as w pred_c + (1 - w) pred_u so that w = 1 returns
     the conditional prediction and w = 0 the unconditional one bit-for-bit."""
@@ -103,6 +117,15 @@ class Denoiser:
         both = net(torch.cat([x_t, x_t]), torch.cat([t, t]), **cat_conditions(cond, uncond))
         pred_cond, pred_uncond = both.chunk(2)
         return self.to_views(apply_cfg(pred_cond, pred_uncond, guidance_scale), x_t, t)
+
+    def score_pair(self, real_score: Callable, fake_score: Callable, x_t: torch.Tensor, t: torch.Tensor,
+                   cond: Cond, uncond: Optional[Cond], guidance_scale: float) -> "ScorePair":
+        """The real score (the teacher, with CFG) and the fake score (no CFG) at the same (x_t, t), under no_grad.
+        DMD's loss and ADM's diagnostic cosine both read their distribution-matching direction from here."""
+        with torch.no_grad():
+            real = self.predict(real_score, x_t, t, cond, uncond, guidance_scale)
+            fake = self.predict(fake_score, x_t, t, cond)
+        return ScorePair(real.x0, fake.x0)
 
     @staticmethod
     def tapped_features(net, x_t, t, cond: Cond) -> list[torch.Tensor]:

@@ -10,13 +10,14 @@ def per_sample_mean(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(1).reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """DMD's normalised distribution-matching direction (Yin et al. 2024, Eq. 7-8; DMD2 code, sd_guidance.py):
-        g = (x0_fake - x0_real) / mean_{C,H,W} |x - x0_real|          per sample.
+        g = (x0_fake - x0_real) / mean_{C,H,W} |x - x0_real|          per sample,
+    with direction = x0_fake - x0_real from trainer.denoiser.ScorePair.
     Descent on the surrogate below moves x toward the real score's x0 and away from the fake one.
     nan_to_num: a sample equal to the teacher's x0 has a zero normaliser (0/0); DMD2 zeroes it the same way."""
     normaliser = per_sample_mean((x - x0_real).abs())
-    return torch.nan_to_num((x0_fake - x0_real) / normaliser)
+    return torch.nan_to_num(direction / normaliser)
 
 
 def dmd_surrogate_loss(x: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
@@ -48,3 +49,14 @@ def nonsaturating_discriminator_loss(real_logits: torch.Tensor, fake_logits: tor
 def nonsaturating_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """DMD2's generator GAN term: softplus(-D(G(z)))."""
     return F.softplus(-fake_logits).mean()
+
+
+def paired_hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """A relativistic pairing hinge (Jolicoeur-Martineau 2019; RpGAN): E[max(0, 1 - (D(real) - D(fake)))] over pairs
+    made from the same x_t, so the part both sides share cancels in the logit difference (docs/algorithms.md §5.5)."""
+    return F.relu(1.0 - (real_logits - fake_logits)).mean()
+
+
+def paired_hinge_generator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The generator's side of the pairing hinge: E[max(0, 1 - (D(fake) - D(real)))]; D(real) enters as a constant."""
+    return F.relu(1.0 - (fake_logits - real_logits.detach())).mean()

@@ -90,13 +90,18 @@ class DDPMSchedule(NoiseSchedule):
         return abar.sqrt().to(dtype), (1.0 - abar).clamp_min(0).sqrt().to(dtype)
 
     def timesteps_from_uniform(self, u, lo_frac, hi_frac):
-        lo, hi = lo_frac * NUM_TRAIN_TIMESTEPS, hi_frac * NUM_TRAIN_TIMESTEPS
-        # randint[lo, hi) as DMD2 draws it; clamp keeps hi_frac = 1 inside the table
-        return (lo + u * (hi - lo)).floor().clamp(0, self.t_max)
+        # integers in [lo, hi] as DMD2 draws them: randint(min_step, min(max_step + 1, T)), so 0.02 and 0.98 give
+        # [20, 980] and 0 and 1 give [0, 999]
+        lo = round(lo_frac * NUM_TRAIN_TIMESTEPS)
+        stop = min(round(hi_frac * NUM_TRAIN_TIMESTEPS) + 1, NUM_TRAIN_TIMESTEPS)
+        return (lo + u * (stop - lo)).floor().clamp(lo, stop - 1)
 
     def student_timesteps(self, num_steps):
-        # DMD2: range(999, 0, -1000 // K) -> 4 steps: 999, 749, 499, 249
-        return [float(NUM_TRAIN_TIMESTEPS - 1 - (NUM_TRAIN_TIMESTEPS * i) // num_steps) for i in range(num_steps)]
+        # DMD2: range(999, 0, -(1000 // K)), the first K of it: 4 steps 999, 749, 499, 249; 6 steps 999, 833, 667,
+        # 501, 335, 169 (where 1000 // K does not divide 999, DMD2's range has a K+1-th entry, 3 at K = 6: a K-step
+        # student has K timesteps, so it is not used)
+        stride = NUM_TRAIN_TIMESTEPS // num_steps
+        return [float(NUM_TRAIN_TIMESTEPS - 1 - stride * i) for i in range(num_steps)]
 
     def sampler_timesteps(self, num_steps):
         # "trailing" spacing (Lin et al. 2024 Table 2): starts at 999, ends in the clean state
@@ -132,9 +137,10 @@ class FlowSchedule(NoiseSchedule):
         return [shift_sigma(1.0 - i / num_steps, self.shift) * NUM_TRAIN_TIMESTEPS for i in range(num_steps + 1)]
 
 
-def cubic_timesteps(u: torch.Tensor, t_max: float) -> torch.Tensor:
-    """ADP's high-noise student schedule t = (1 - u^3) T (docs/algorithms.md §6.2): P(t > 0.9T) = 0.464, median 0.875T."""
-    return (1.0 - u ** 3) * t_max
+def cubic_timesteps(u: torch.Tensor, t_max: float, power: float = 3.0) -> torch.Tensor:
+    """ADP's high-noise student schedule t = (1 - u^p) T, p = 3 the paper's cubic (docs/algorithms.md §6.2):
+    support (0, T], P(t > 0.9T) = 0.464, median 0.875T."""
+    return (1.0 - u ** power) * t_max
 
 
 def build_schedule(prediction: str, beta_start=0.00085, beta_end=0.012, snr_shift=1.0, zero_terminal_snr=False,

@@ -331,10 +331,19 @@ class StageTrainer:
         keys = sorted(sums)
         if not keys:
             return {}
-        local = torch.stack([torch.stack([v.float().to(self.dist.device) for v in sums[k]]).mean() for k in keys])
+        # diagnostics' timestep buckets may be empty on a step or a rank (NaN, trainer/diagnostics.py): they are
+        # averaged over the values present; every other NaN (a loss) stays NaN
+        sparse = torch.tensor([k.startswith("metrics/diagnostics/") for k in keys], device=self.dist.device)
+        per_key = [torch.stack([v.float().to(self.dist.device) for v in sums[k]]) for k in keys]
+        local = torch.stack([v.nanmean() if k.startswith("metrics/diagnostics/") else v.mean()
+                             for k, v in zip(keys, per_key)])
+        present = (~sparse | ~local.isnan()).float()
+        totals = torch.stack([torch.where(present > 0, local, torch.zeros_like(local)), present])
         if dist.is_initialized():
-            dist.all_reduce(local, op=dist.ReduceOp.AVG)
-        return dict(zip(keys, local.tolist()))
+            dist.all_reduce(totals)
+        flat = torch.cat([totals[0] / totals[1], totals[1]]).tolist()   # one read for both
+        values, counts = flat[:len(keys)], flat[len(keys):]
+        return {k: v for k, v, count in zip(keys, values, counts) if count > 0}
 
     def run(self) -> None:
         with self.stops.installed():

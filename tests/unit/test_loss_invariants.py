@@ -17,7 +17,7 @@ def _triple(shape=(3, 4, 5, 5)):
 def test_invariant_11_direction_and_gradient():
     x, x0_real, x0_fake = _triple()
     x.requires_grad_(True)
-    g = dmd_gradient(x.detach(), x0_real, x0_fake)
+    g = dmd_gradient(x.detach(), x0_real, x0_fake - x0_real)
     loss = dmd_surrogate_loss(x, g)
     (grad,) = torch.autograd.grad(loss, x)
     assert torch.allclose(grad, g / x.numel(), atol=1e-15)
@@ -28,28 +28,28 @@ def test_invariant_11_direction_and_gradient():
 def test_invariant_12_no_signal_when_scores_agree():
     x, x0_real, _ = _triple()
     x.requires_grad_(True)
-    loss = dmd_surrogate_loss(x, dmd_gradient(x.detach(), x0_real, x0_real.clone()))
+    loss = dmd_surrogate_loss(x, dmd_gradient(x.detach(), x0_real, x0_real - x0_real))
     (grad,) = torch.autograd.grad(loss, x)
     assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
 
 
 def test_invariant_13_joint_scale_invariance():
     x, x0_real, x0_fake = _triple()
-    g = dmd_gradient(x, x0_real, x0_fake)
+    g = dmd_gradient(x, x0_real, x0_fake - x0_real)
     for c in (0.1, 7.0):
         x_c = x0_real + c * (x - x0_real)
         fake_c = x0_real + c * (x0_fake - x0_real)
-        assert torch.allclose(dmd_gradient(x_c, x0_real, fake_c), g, atol=1e-12)
+        assert torch.allclose(dmd_gradient(x_c, x0_real, fake_c - x0_real), g, atol=1e-12)
 
 
 def test_invariant_14_value_and_per_sample_normaliser():
     x, x0_real, x0_fake = _triple()
-    g = dmd_gradient(x, x0_real, x0_fake)
+    g = dmd_gradient(x, x0_real, x0_fake - x0_real)
     assert torch.allclose(dmd_surrogate_loss(x, g), 0.5 * (g ** 2).mean(), atol=1e-14)
     # per sample: scaling one sample's residuals leaves the others' g untouched
     x2 = x.clone()
     x2[0] = x0_real[0] + 5 * (x[0] - x0_real[0])
-    g2 = dmd_gradient(x2, x0_real, x0_fake)
+    g2 = dmd_gradient(x2, x0_real, x0_fake - x0_real)
     assert torch.allclose(g2[1:], g[1:]) and not torch.allclose(g2[0], g[0])
     # sharded along the tokens (sequence parallel): summing |.| and counts over shards before dividing == unsharded
     shards = x.flatten(1).chunk(2, dim=1), x0_real.flatten(1).chunk(2, dim=1)
@@ -61,7 +61,7 @@ def test_invariant_14_value_and_per_sample_normaliser():
 
 def test_zero_residual_sample_gives_zero_not_nan():
     x, _, x0_fake = _triple()
-    g = dmd_gradient(x, x.clone(), x0_fake)
+    g = dmd_gradient(x, x.clone(), x0_fake - x)
     assert torch.isfinite(g).all()
 
 

@@ -133,7 +133,7 @@ def test_invariant_22_identical_inputs_at_init(tmp_path):
     t, u = trainer.method.step_times(ctx)
     x_t = ctx.denoiser.add_noise(x0g, ctx.rand.normal("adm_eps", ctx.data_shape), t)
     real = ctx.denoiser.predict(ctx.nets.teacher, x_t, t, ctx.cond, ctx.uncond, 1.0)
-    x_fake = trainer.method.fake_step(ctx, x_t, t, u)
+    x_fake, _ = trainer.method.fake_side(ctx, x_t, t, u)
     assert torch.equal(ctx.denoiser.ode_step(real, x_t, t, u), x_fake)
     out = trainer.method.discriminator_loss(ctx)
     assert out.metrics["logits_real"].abs() < 1
@@ -168,7 +168,7 @@ def test_invariant_23_generator_gradient_through_fake_step(detach):
             return x @ A.T + b
 
     d = Denoiser(FlowSchedule(1.0), "flow")
-    cfg = type("C", (), {"detach_fake_velocity": detach})()
+    cfg = type("C", (), {"detach_fake_velocity": detach, "discriminator_input": "step"})()
     method = ADM(cfg)
     ctx = StepContext(nets=Nets(generator=None, fake_score=LinearV()), denoiser=d,
                       rand=StepRandom(0, 0, [0]), step=0, data_shape=(dim,), cond={}, uncond={})
@@ -176,7 +176,7 @@ def test_invariant_23_generator_gradient_through_fake_step(detach):
     u = t - 1000 / 64
 
     def loss_of(x):
-        return -(method.fake_step(ctx, x, t, u) @ w).sum()
+        return -(method.fake_side(ctx, x, t, u)[0] @ w).sum()
 
     x_t = torch.randn(1, dim, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(loss_of(x_t), x_t)

@@ -171,10 +171,23 @@ def test_invariant_10_cubic_schedule():
 
 def test_student_and_sampler_timesteps():
     assert DDPMSchedule().student_timesteps(4) == [999.0, 749.0, 499.0, 249.0]
+    # DMD2's range(999, 0, -(1000 // K)), first K entries
+    assert DDPMSchedule().student_timesteps(6) == [999.0, 833.0, 667.0, 501.0, 335.0, 169.0]
+    assert DDPMSchedule().student_timesteps(7) == [999.0, 857.0, 715.0, 573.0, 431.0, 289.0, 147.0]
     assert FlowSchedule(3.0).student_timesteps(4) == pytest.approx([1000.0, 900.0, 750.0, 500.0])
     ddpm_times = DDPMSchedule().sampler_timesteps(50)
     assert ddpm_times[0] == 999.0 and ddpm_times[-1] == -1.0 and len(ddpm_times) == 51
     assert FlowSchedule(1.0).sampler_timesteps(4) == pytest.approx([1000.0, 750.0, 500.0, 250.0, 0.0])
+
+
+def test_ddpm_training_times_cover_dmd2_ranges():
+    """DMD2 draws randint(20, 981) for the DM loss and randint(0, 1000) for the critic: both ends included."""
+    u = torch.cat([torch.zeros(1, dtype=torch.float64), torch.linspace(0, 1, 100_001, dtype=torch.float64)[:-1],
+                   torch.full((1,), 1 - 1e-12, dtype=torch.float64)])
+    dm = DDPMSchedule().timesteps_from_uniform(u, 0.02, 0.98)
+    assert dm.min() == 20 and dm.max() == 980 and len(dm.unique()) == 961
+    critic = DDPMSchedule().timesteps_from_uniform(u, 0.0, 1.0)
+    assert critic.min() == 0 and critic.max() == 999 and len(critic.unique()) == 1000
 
 
 def test_prediction_must_fit_schedule():

@@ -106,8 +106,13 @@ class LatentFamily(ABC):
         """The teacher's weights: a pipeline folder or hub id (the family's subfolder) or a model folder."""
         return StateSource(path, subfolder=self.subfolder)
 
-    def build_heads(self) -> FeatureHeads:
-        return FeatureHeads(self.tap_shapes(), hidden=self.cfg.head_hidden)
+    def build_heads(self, hidden: int | None = None, norm: bool | None = None, bottleneck_only: bool = False
+                    ) -> FeatureHeads:
+        """Heads on the denoiser's taps (the last tap is the mid block: the bottleneck). hidden: None -> the family's
+        `head_hidden`; norm, bottleneck_only: the method's head options (trainer.heads.FeatureHeads)."""
+        shapes = self.tap_shapes()
+        return FeatureHeads(shapes, hidden=hidden or self.cfg.head_hidden, norm=norm,
+                            use=[len(shapes) - 1] if bottleneck_only else None)
 
     def shard_units(self, module) -> list:
         """FSDP units before the root: the denoiser's blocks; one unit per discriminator head."""

@@ -101,8 +101,12 @@ class ToyFamily:
         """The teacher's weights: the teacher stage's safetensors file."""
         return StateSource(path)
 
-    def build_heads(self) -> FeatureHeads:
-        return FeatureHeads([(self.cfg.hidden,)] * len(self.cfg.taps), hidden=self.cfg.hidden)
+    def build_heads(self, hidden: int | None = None, norm: bool | None = None, bottleneck_only: bool = False
+                    ) -> FeatureHeads:
+        """MLP heads on the taps (the last tap is the deepest block). hidden: None -> the network's width."""
+        taps = len(self.cfg.taps)
+        return FeatureHeads([(self.cfg.hidden,)] * taps, hidden=hidden or self.cfg.hidden, norm=norm,
+                            use=[taps - 1] if bottleneck_only else None)
 
     # --- ADP's pixel discriminator -------------------------------------------------------------------------------
     PIXEL_HIDDEN = 128

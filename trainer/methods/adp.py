@@ -24,12 +24,12 @@ from trainer.denoiser import cat_conditions
 from trainer.guards import discriminator_accuracy
 from trainer.heads import HybridHeads
 from trainer.losses import hinge_discriminator_loss, hinge_generator_loss
-from trainer.methods.base import LossOut, Method, Phase, StepContext
-from trainer.schedules import NUM_TRAIN_TIMESTEPS
-from trainer.sections import Section
+from trainer import diagnostics
+from trainer.methods.base import HeadOptions, LossOut, Method, Phase, StepContext
+from trainer.schedules import NUM_TRAIN_TIMESTEPS, cubic_timesteps
 
 
-class ADPConfig(Section):
+class ADPConfig(HeadOptions):
     """ADP (Lu et al. 2025 §3.3; docs/algorithms.md "ADP"): velocity on the straight path between the pair's noise and
     the teacher's output at cubic high-noise timesteps; hybrid hinge discriminators (latent: frozen teacher backbone +
     heads on re-noised samples; pixel: decode -> frozen vision backbone + heads)."""
@@ -43,6 +43,8 @@ class ADPConfig(Section):
                                 "(docs/algorithms.md \"Open choices\")")
     velocity_mse_weight: float = Field(0.0, ge=0, description="an optional velocity-MSE term on the pairs "
                                        "(docs/algorithms.md \"Open choices\")")
+    diagnostics_every: int = Field(100, ge=0, description="steps between discriminator diagnostics (0: never): the "
+                                   "latent D's hinge and accuracy per re-noising time t', the pixel D's accuracy")
 
 
 class ADP(Method):
@@ -55,7 +57,7 @@ class ADP(Method):
             ("pixel_backbone",) if self.cfg.pixel_weight > 0 else ())
 
     def build_heads(self, family) -> HybridHeads:
-        return HybridHeads(family.build_heads(), family.build_pixel_heads() if self.cfg.pixel_weight > 0 else None)
+        return HybridHeads(super().build_heads(family), family.build_pixel_heads() if self.cfg.pixel_weight > 0 else None)
 
     def phases(self, step):
         return [Phase("generator", ("generator",), self.generator_loss),
@@ -64,7 +66,7 @@ class ADP(Method):
     # --- the student on the pairs' straight path (§6.2) ---------------------------------------------------
     def student_times(self, ctx: StepContext) -> torch.Tensor:
         """t = (1 - u^p) T in network time [B]: support (0, T]; p = 3 gives P(t > 0.9T) = 0.464 (invariant 10)."""
-        return (1.0 - ctx.rand.uniform("adp_t") ** self.cfg.timestep_power) * NUM_TRAIN_TIMESTEPS
+        return cubic_timesteps(ctx.rand.uniform("adp_t"), NUM_TRAIN_TIMESTEPS, self.cfg.timestep_power)
 
     def student_input(self, ctx: StepContext, t: torch.Tensor) -> torch.Tensor:
         """x_t = (1 - t/T) x_0 + (t/T) x_T: the generator's flow schedule's noising with the pair's own noise."""
@@ -131,6 +133,8 @@ class ADP(Method):
                            logits_fake=fake_logits.detach().mean(),
                            disc_accuracy=discriminator_accuracy(real_logits.detach(), fake_logits.detach()))
             histograms.update(logits_real=real_logits.detach(), logits_fake=fake_logits.detach())
+            if diagnostics.due(self.cfg.diagnostics_every, ctx.step):
+                metrics.update(self.latent_diagnostics(real_logits, fake_logits, t_real, t_fake))
         if self.cfg.pixel_weight > 0:
             with torch.no_grad():
                 features = ctx.nets.pixel_backbone(torch.cat([real, fake]))
@@ -139,6 +143,20 @@ class ADP(Method):
             loss = loss + self.cfg.pixel_weight * pixel
             metrics.update(discriminator_pixel=pixel.detach(), pixel_logits_real=real_logits.detach().mean(),
                            pixel_logits_fake=fake_logits.detach().mean())
+            if diagnostics.due(self.cfg.diagnostics_every, ctx.step):
+                metrics["diagnostics/pixel_accuracy"] = discriminator_accuracy(real_logits.detach(),
+                                                                               fake_logits.detach())
             histograms.update(pixel_logits_real=real_logits.detach(), pixel_logits_fake=fake_logits.detach())
         metrics["discriminator"] = loss.detach()
         return LossOut(loss, metrics, histograms)
+
+    @staticmethod
+    def latent_diagnostics(real_logits, fake_logits, t_real, t_fake) -> dict:
+        """The latent D's hinge and accuracy per re-noising-time bucket. Real and fake rows have their own t' unless
+        share_renoise, so each side is bucketed by its own time: a bucket's hinge is twice its mean side term (the
+        two-sided hinge's expectation when the sides are equally represented)."""
+        times = torch.cat([t_real, t_fake])
+        side_hinge = torch.cat([torch.relu(1.0 - real_logits.detach()), torch.relu(1.0 + fake_logits.detach())])
+        side_correct = torch.cat([(real_logits.detach() > 0).float(), (fake_logits.detach() < 0).float()])
+        return {**diagnostics.bucket_means("latent_hinge", 2.0 * side_hinge, times),
+                **diagnostics.bucket_means("latent_accuracy", side_correct, times)}

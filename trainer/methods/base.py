@@ -7,14 +7,25 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from parallel.randomness import StepRandom
 from trainer.denoiser import Cond, Denoiser
 from trainer.sampling import student_input, student_predict
+from trainer.sections import Section
+
+
+class HeadOptions(Section):
+    """The discriminator heads' options, shared by the methods with a discriminator (trainer/heads.py)."""
+    head_hidden: Optional[int] = Field(None, gt=0, description="each head's width (capacity); default: the family's")
+    head_norm: Optional[bool] = Field(None, description="GroupNorm / LayerNorm in the heads; default: conv heads "
+                                      "normalised, MLP heads (the toy's) not")
+    head_taps: Literal["all", "bottleneck"] = Field("all", description="which backbone taps get a head: every tapped "
+                                                    "block, or the last (the mid block), as DMD2's classifier")
 
 
 @dataclass
@@ -122,8 +133,8 @@ class Method(ABC):
         return ("teacher",)
 
     def build_heads(self, family) -> nn.Module:
-        """The `heads` role (methods with a discriminator)."""
-        return family.build_heads()
+        """The `heads` role (methods with a discriminator; their configs are HeadOptions)."""
+        return family.build_heads(self.cfg.head_hidden, self.cfg.head_norm, self.cfg.head_taps == "bottleneck")
 
     @abstractmethod
     def phases(self, step: int) -> list[Phase]:

@@ -53,10 +53,9 @@ class DMD(Method):
 
     def distribution_matching_loss(self, ctx: StepContext, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         x_t, t, _ = self.noised(ctx, x.detach(), "dm", self.cfg.t_min_frac, self.cfg.t_max_frac)
-        with torch.no_grad():
-            real = ctx.denoiser.predict(ctx.nets.teacher, x_t, t, ctx.cond, ctx.uncond, self.cfg.guidance_scale)
-            fake = ctx.denoiser.predict(ctx.nets.fake_score, x_t, t, ctx.cond)
-        gradient = dmd_gradient(x.detach().float(), real.x0, fake.x0)
+        pair = ctx.denoiser.score_pair(ctx.nets.teacher, ctx.nets.fake_score, x_t, t, ctx.cond, ctx.uncond,
+                                       self.cfg.guidance_scale)
+        gradient = dmd_gradient(x.detach().float(), pair.x0_real, pair.direction)
         loss = dmd_surrogate_loss(x.float(), gradient)
         return loss, {"dmd": loss.detach(), "dmd_gradient_norm": gradient.detach().flatten(1).norm(dim=1).mean()}
 

@@ -2,8 +2,9 @@
 
 Extends DMD with a GAN: heads on the FAKE SCORE's tapped features ("classify mode"), a real-data branch, the
 non-saturating loss and TTUR (critic every step, generator every `ttur`-th, 5 for SDXL).
-- generator: L_DM + gen_gan_weight * softplus(-D(x_t'')), t'' ~ U[0, T) (diffusion GAN). The fake score and the
-  heads are frozen; the gradient reaches the generator through the fake score's activations.
+- generator: L_DM + gen_gan_weight * softplus(-D(x_t'')), t'' ~ U[0, T) (diffusion GAN), its own (t'', noise):
+  DMD2 draws them afresh in the generator step, not reusing the critic's. The fake score and the heads are frozen;
+  the gradient reaches the generator through the fake score's activations.
 - critic (fake score + heads, one phase, one optimizer step each): denoising loss
   + disc_gan_weight * (softplus(D(fake)) + softplus(-D(real))), real = training data noised the same way.
 """
@@ -16,13 +17,14 @@ from pydantic import Field
 
 from trainer.guards import discriminator_accuracy
 from trainer.losses import denoising_loss, nonsaturating_discriminator_loss, nonsaturating_generator_loss
-from trainer.methods.base import LossOut, Phase, StepContext
+from trainer.methods.base import HeadOptions, LossOut, Phase, StepContext
 from trainer.methods.dmd import DMD, DMDConfig
 
 
-class DMD2Config(DMDConfig):
+class DMD2Config(DMDConfig, HeadOptions):
     """DMD2 (Yin et al. 2024b): DMD + GAN head on the fake score's features, real-data branch, TTUR.
-    docs/algorithms.md "DMD2"."""
+    docs/algorithms.md "DMD2". head_taps: bottleneck reads the mid block only, as DMD2's classifier does (its
+    strided-conv head is not reproduced: ours is the 2-D head of trainer/heads.py); the default reads every tap."""
     name: Literal["dmd2"] = "dmd2"  # type: ignore[assignment]
     ttur: int = Field(5, gt=0)
     gen_gan_weight: float = Field(5e-3, ge=0)
@@ -48,7 +50,7 @@ class DMD2(DMD):
     def generator_loss(self, ctx: StepContext) -> LossOut:
         x = ctx.generator_x0()
         dm_loss, metrics = self.distribution_matching_loss(ctx, x)
-        gan_loss = nonsaturating_generator_loss(self.discriminator_logits(ctx, x, "gan_fake", ctx.cond))
+        gan_loss = nonsaturating_generator_loss(self.discriminator_logits(ctx, x, "gan_generator", ctx.cond))
         metrics["generator_gan"] = gan_loss.detach()
         return LossOut(dm_loss + self.cfg.gen_gan_weight * gan_loss, metrics)
 

@@ -134,14 +134,17 @@ class ADM(DMD):
 
     def generator_loss(self, ctx: StepContext) -> LossOut:
         x0g = ctx.generator_x0()
+        metrics = {}
+        if diagnostics.due(self.cfg.diagnostics_every, ctx.step):
+            # before the loss's own critic pass: the diagnostic pass's activations are freed by then, so the step's
+            # peak memory (generator graph + one critic pass) is unchanged
+            metrics.update(self.gradient_diagnostics(ctx, x0g))
         x_t, t, u = self.noised_sample(ctx, x0g)
         loss = self.adversarial_generator_loss(ctx, x_t, t, u)
-        metrics = {"generator_adversarial": loss.detach()}
-        if diagnostics.due(self.cfg.diagnostics_every, ctx.step):
-            metrics.update(self.gradient_diagnostics(ctx, x0g, t))
+        metrics["generator_adversarial"] = loss.detach()
         return LossOut(loss, metrics)
 
-    def gradient_diagnostics(self, ctx: StepContext, x0g: torch.Tensor, t: torch.Tensor) -> dict:
+    def gradient_diagnostics(self, ctx: StepContext, x0g: torch.Tensor) -> dict:
         """Cosine per t bucket between the adversarial loss's gradient w.r.t. the generator's sample and the
         distribution-matching direction at the same x_t. The gradient comes from a second, separate pass from the
         detached sample (only frozen weights in it), so the step's own graph and backward stay as they are."""

@@ -50,6 +50,10 @@ class ADMConfig(HeadOptions):
         "of the pair made from the same x_t (the shared component cancels)")
     gradient_penalty: float = Field(0.0, ge=0, description="R1 weight: E|grad of D(real) w.r.t. the heads' input "
                                     "features|^2 (the backbone is frozen; the features are the heads' input)")
+    dmd_weight: float = Field(0.0, ge=0, description="weight of DMD's distribution-matching loss added to the "
+                              "generator's adversarial loss (0: pure ADM, the paper's; the paper's ablation B3 uses DMD "
+                              "alone after ADP); both read the same fake score, so it costs one teacher (CFG) and one "
+                              "fake-score forward per generator step")
     diagnostics_every: int = Field(100, ge=0, description="steps between discriminator diagnostics (0: never): "
                                    "per-t hinge, accuracy, input distance and the adversarial gradient's cosine with "
                                    "the distribution-matching direction; a diagnostic step costs one more teacher "
@@ -142,6 +146,10 @@ class ADM(DMD):
         x_t, t, u = self.noised_sample(ctx, x0g)
         loss = self.adversarial_generator_loss(ctx, x_t, t, u)
         metrics["generator_adversarial"] = loss.detach()
+        if self.cfg.dmd_weight > 0:
+            dm_loss, dm_metrics = self.distribution_matching_loss(ctx, x0g)
+            loss = loss + self.cfg.dmd_weight * dm_loss
+            metrics.update(dm_metrics)
         return LossOut(loss, metrics)
 
     def gradient_diagnostics(self, ctx: StepContext, x0g: torch.Tensor) -> dict:

@@ -5,9 +5,11 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from tests.helpers import ROOT, SMOKE
-from trainer.config import RecipeError, load_recipe
+from trainer.config import RecipeError, dump_recipe, load_recipe
+from trainer.stages.run_dir import prepare_run_dir
 
 
 def write(tmp_path, name, text):
@@ -197,3 +199,18 @@ def test_rerun_with_a_different_recipe_is_refused(tmp_path):
     result = run_cli(SMOKE, f"run.dir={run_dir}", "distill.train.steps=3")
     assert result.returncode == 2 and "different recipe" in result.stderr
     assert (run_dir / "config.yaml").read_text() == dump_recipe(recipe)   # nothing overwritten
+
+
+def test_a_run_recorded_before_a_new_option_resumes_after_it(tmp_path):
+    """A run dir written by an older version lacks the options added since: at their defaults they keep the old
+    behaviour, so the same recipe is accepted; a non-default value of the new option is still refused."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recipe = load_recipe(SMOKE, [f"run.dir={run_dir}"])
+    old = yaml.safe_load(dump_recipe(recipe))
+    del old["distill"]["method"]["dmd_weight"]          # an option this version added
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    assert prepare_run_dir(recipe, SMOKE) == str(run_dir)
+    changed = load_recipe(SMOKE, [f"run.dir={run_dir}", "distill.method.dmd_weight=1.0"])
+    with pytest.raises(RecipeError, match="distill.method.dmd_weight"):
+        prepare_run_dir(changed, SMOKE)

@@ -15,7 +15,7 @@ import os
 
 import yaml
 
-from trainer.config import dump_recipe
+from trainer.config import Recipe, dump_recipe
 from trainer.sections import RecipeError
 
 PLACEMENT_KEYS = ("run.dir", "launch", "parallel.dp_replicate", "parallel.dp_shard", "parallel.sp",
@@ -53,6 +53,16 @@ def first_difference(a, b, prefix: str = "") -> str | None:
     return None if a == b else prefix.rstrip(".")
 
 
+def with_new_defaults(written: dict) -> dict:
+    """A run dir's recorded recipe with the keys this version added since (new options) at their defaults: a new
+    option's default keeps the old behaviour, so a run started before an upgrade resumes after it. A recorded recipe
+    that no longer validates is compared as written."""
+    try:
+        return yaml.safe_load(dump_recipe(Recipe.model_validate(written)))
+    except Exception:   # noqa: BLE001 - any schema change: fall back to the literal comparison, which names the key
+        return written
+
+
 def prepare_run_dir(recipe, path: str) -> str:
     """Write the resolved recipe into the run dir; a run dir holding a recipe of another EXPERIMENT is refused
     (resuming it with other settings would silently mix two runs). A rerun that changes placement keys keeps the
@@ -72,7 +82,7 @@ def prepare_run_dir(recipe, path: str) -> str:
             raise RecipeError(config_path, "", f"the run dir's recorded recipe is damaged ({problem}); nothing was "
                               f"changed", "restore it (provenance.jsonl holds every attempt's resolved recipe), or "
                               "pick a new run.dir") from None
-        key = first_difference(experiment(written), experiment(yaml.safe_load(text)))
+        key = first_difference(experiment(with_new_defaults(written)), experiment(yaml.safe_load(text)))
         if key:
             raise RecipeError(path, key, f"this run directory ({run_dir}) holds a different recipe (the experiment "
                               f"differs at {key})", "pick a new run.dir, or rerun with the same recipe; only "

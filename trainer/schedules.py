@@ -56,7 +56,7 @@ class NoiseSchedule(ABC):
 
     @abstractmethod
     def student_timesteps(self, num_steps: int) -> list[float]:
-        """K student timesteps, noisiest first (docs/algorithms.md §5.6)."""
+        """K student timesteps, noisiest first (docs/algorithms.md §5.8)."""
 
     @abstractmethod
     def sampler_timesteps(self, num_steps: int) -> list[float]:

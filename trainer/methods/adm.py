@@ -47,7 +47,8 @@ class ADMConfig(HeadOptions):
         "both re-noised with one fresh (t', eps'), t' ~ U[t_min, t_max] (a diffusion-GAN's input)")
     adversarial_loss: Literal["hinge", "paired_hinge"] = Field(
         "hinge", description="hinge: the paper's, per side; paired_hinge: a relativistic hinge on D(real) - D(fake) "
-        "of the pair made from the same x_t (the shared component cancels)")
+        "of the pair made from the same x_t (the shared component cancels); its generator phase costs one more teacher "
+        "(CFG) and teacher-backbone forward, without gradient")
     gradient_penalty: float = Field(0.0, ge=0, description="R1 weight: E|grad of D(real) w.r.t. the heads' input "
                                     "features|^2 (the backbone is frozen; the features are the heads' input)")
     dmd_weight: float = Field(0.0, ge=0, description="weight of DMD's distribution-matching loss added to the "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Optional
 
 import xxhash
@@ -21,6 +22,8 @@ import xxhash
 from data.parts import HASH
 from data.schemas import EMBEDDING_PREFIX, StreamSchemaError, check_columns, collate
 from data.streaming_import import import_streaming
+
+SHARED_MEMORY_ATTEMPTS = 5   # see TrainingStream: streaming's shared-memory prefix race
 
 
 class StreamError(ValueError):
@@ -162,10 +165,20 @@ class TrainingStream:
                 os.makedirs(local, exist_ok=True)   # a read-only place fails here, with the path, before training
             self.num_samples = verify_local_stream(remote or local, kind, check_hashes, read_root=local)
         # remote object stores: streaming validates each downloaded shard against its recorded hash
-        self.dataset = streaming.StreamingDataset(
-            remote=remote, local=local, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
-            num_canonical_nodes=num_canonical_nodes, replication=replication,
-            validate_hash=None if local_stream else HASH)
+        for attempt in range(SHARED_MEMORY_ATTEMPTS):
+            try:
+                self.dataset = streaming.StreamingDataset(
+                    remote=remote, local=local, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
+                    num_canonical_nodes=num_canonical_nodes, replication=replication,
+                    validate_hash=None if local_stream else HASH)
+                break
+            except FileExistsError:
+                # mosaicml/streaming#884, #901: two jobs starting at once on one machine can pick the same
+                # shared-memory prefix (streaming checks, then creates); the loser created nothing and, asked again,
+                # picks the next free prefix. Costs a fraction of a second, only when it happens.
+                if attempt == SHARED_MEMORY_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
         # workers > 0: persistent decode processes (DataLoader's own), prefetching while the step runs; the loader's
         # state_dict counts yielded samples in this process, so resumption is unchanged
         extra = {"persistent_workers": True, "prefetch_factor": 4} if workers else {}

@@ -256,3 +256,21 @@ def test_trainer_checkpoints_the_stream_position_and_resumes_exactly(tmp_path):
         assert torch.equal(a, b)
     for a, b in zip(straight.nets.heads.parameters(), resumed.nets.heads.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_shared_memory_prefix_taken_in_between_is_retried(tmp_path, monkeypatch):
+    """mosaicml/streaming#884: another job creates the prefix streaming just found free (check, then create); the
+    stream asks again instead of failing (it failed two toy benchmark jobs started at once)."""
+    prefix = import_streaming().base.shared.prefix
+    real, raised = prefix.SharedMemory, []
+
+    def racing(name, create=True, size=0, *args, **kwargs):
+        if create and name.endswith("_locals") and not raised:
+            raised.append(name)
+            raise FileExistsError(17, "File exists", name)   # what shm_open says when the other job won
+        return real(name, create, size, *args, **kwargs)
+
+    monkeypatch.setattr(prefix, "SharedMemory", racing)
+    root = write_real_latents(tmp_path / "remote", 16)
+    stream = TrainingStream("real_latents", root, str(tmp_path / "cache"), batch_size=8, seed=3)
+    assert raised and sorted(int(i) for _ in range(2) for i in stream.next_batch().ids) == list(range(16))

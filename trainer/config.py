@@ -13,7 +13,7 @@ import os
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from trainer.eval_section import EvalConfig
 from trainer.families.sections import FamilyConfig, ToyFamilyConfig
@@ -22,7 +22,8 @@ from trainer.methods.adp import ADPConfig
 from trainer.methods.dmd import DMDConfig
 from trainer.methods.dmd2 import DMD2Config
 from trainer.methods.regression import RegressionConfig
-from trainer.sections import RecipeError, Section, boolean_for_number
+from trainer.sections import (STALE, RecipeError, Section, boolean_for_number, drop_stale_options, known_keys,
+                               note_kind_change)
 from trainer.validate import check_recipe, source_of
 
 
@@ -266,8 +267,7 @@ def _read_yaml(path: str, named_by: str) -> dict:
                           "save the recipe as UTF-8") from None
     except OSError as e:
         raise RecipeError(path, "", f"cannot read it: {e.strerror}", "check the file's permissions") from None
-    if data is None:
-        data = {}
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise RecipeError(path, "", "a recipe must be a mapping of sections", "see recipes/toy/default.yaml")
     return data
@@ -278,6 +278,7 @@ def _merge(base: dict, child: dict, child_source: str, provenance: dict, prefix:
     for key, value in child.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and isinstance(out.get(key), dict):
+            note_kind_change(provenance, dotted, out[key], value.get("name", out[key].get("name")), value)
             out[key] = _merge(out[key], value, child_source, provenance, dotted + ".")
         else:
             out[key] = value
@@ -328,24 +329,12 @@ def _apply_override(data: dict, parts: list[str], value: Any, text: str, provena
             raise RecipeError("command line", ".".join(parts[:i + 1]), f"'{text}' indexes into a value, not a section",
                               "override a leaf key")
         node = nxt
+    section = ".".join(parts[:-1])
+    if parts[-1] == "name":
+        note_kind_change(provenance, section, node, value, ())
+    provenance.get(section + STALE, set()).discard(parts[-1])   # given after the new name: validated
     node[parts[-1]] = value
     provenance[".".join(parts)] = "command line"
-
-
-def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names valid at `loc` (for the did-you-mean hint on unknown keys)."""
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not candidates:
-            return []
-        model = candidates[0]
-    return list(model.model_fields)
 
 
 UNION_TAGS = {"toy", "sdxl", "sd3", "cogvideox", "dmd", "dmd2", "adm", "regression", "adp"}
@@ -367,6 +356,7 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     pretrain = data.get("pretrain")
     if isinstance(pretrain, dict) and isinstance(pretrain.get("method"), dict):
         pretrain["method"].setdefault("name", "adp")
+    drop_stale_options(Recipe, data, provenance)
     wrong = boolean_for_number(Recipe, data)
     if wrong:
         raise RecipeError(source_of(wrong, provenance, path), wrong, "expected a number, got a boolean",
@@ -382,7 +372,7 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
         dotted = ".".join(str(p) for p in loc)
         source = source_of(dotted, provenance, path)
         if err["type"] == "extra_forbidden":
-            known = _known_keys(Recipe, loc)
+            known = known_keys(Recipe, loc)
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(known)}"
             raise RecipeError(source, dotted, "unknown key", hint) from None

@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+import torch
+import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -96,3 +98,23 @@ class Monitor:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def reduce_window(sums: dict, device) -> dict[str, float]:
+    """{key: [device scalars of the window's steps]} -> {key: mean over the window and over ranks}. The one host
+    sync per logging window is here (.tolist()). Diagnostics' timestep buckets (metrics/diagnostics/...) may be empty
+    on a step or a rank (NaN, trainer/diagnostics.py): they are averaged over the values present, and a key with none
+    anywhere is left out; every other NaN (a loss) stays NaN."""
+    keys = sorted(sums)
+    if not keys:
+        return {}
+    sparse = [k.startswith("metrics/diagnostics/") for k in keys]
+    per_key = [torch.stack([v.float().to(device) for v in sums[k]]) for k in keys]
+    local = torch.stack([v.nanmean() if s else v.mean() for s, v in zip(sparse, per_key)])
+    present = (~torch.tensor(sparse, device=device) | ~local.isnan()).float()
+    totals = torch.stack([torch.where(present > 0, local, torch.zeros_like(local)), present])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    flat = torch.cat([totals[0] / totals[1], totals[1]]).tolist()   # one read for both
+    values, counts = flat[:len(keys)], flat[len(keys):]
+    return {k: v for k, v, count in zip(keys, values, counts) if count > 0}

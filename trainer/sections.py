@@ -65,3 +65,51 @@ def boolean_for_number(model: type, data, prefix: str = "") -> str | None:
                 if found:
                     return found
     return None
+
+
+# A provenance entry "<section>" + STALE: the keys a section held for another kind (method, family) when a later
+# source (a child recipe, the command line) changed its `name`.
+STALE = "\0stale"
+
+
+def note_kind_change(provenance: dict, section: str, before, new_name, given_with_it) -> None:
+    """Record, when `name` of the section at dotted path `section` changes from before["name"] to new_name, the keys
+    that came with the old kind (not those given together with the new name)."""
+    if isinstance(before, dict) and "name" in before and before["name"] != new_name:
+        provenance[section + STALE] = set(before) - {"name"} - set(given_with_it)
+
+
+def drop_stale_options(model: type, data: dict, provenance: dict) -> None:
+    """Options given for another kind before a section's `name` changed, which the new kind does not have, are
+    dropped: `distill.method.name=dmd` over a recipe that tunes ADM's `gradient_penalty` runs DMD, whose config has
+    no such key. Keys given with or after the new name are kept and validated, so a misspelt key is still an error."""
+    for entry, keys in provenance.items():
+        if not entry.endswith(STALE):
+            continue
+        node, cls = data, model
+        for part in entry[:-len(STALE)].split("."):
+            field = cls.model_fields.get(part) if isinstance(node, dict) else None
+            node = node.get(part) if field is not None else None
+            classes = _section_classes(field.annotation, node) if field is not None else []
+            if not classes or not isinstance(node, dict):
+                break
+            cls = classes[0]
+        else:
+            for key in keys - set(cls.model_fields):
+                node.pop(key, None)
+
+
+def known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at `loc` (for the did-you-mean hint on unknown keys)."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(model.model_fields)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from parallel.randomness import StepRandom, sample_indices
 from trainer.checkpoint import Checkpointer
@@ -22,7 +21,7 @@ from trainer.config import GuardsConfig
 from trainer.exit_codes import stopped_by
 from trainer.guards import GuardError, Guards, nonfinite_flag, sample_statistics
 from trainer.methods.base import LossOut, Method, Nets, StepContext
-from trainer.monitor import Monitor
+from trainer.monitor import Monitor, reduce_window
 from trainer.sampling import student_sample
 from trainer.stop_requests import StopRequests
 
@@ -327,23 +326,8 @@ class StageTrainer:
 
     # --- loop ------------------------------------------------------------------------------------------------
     def reduce_metrics(self, sums: dict) -> dict[str, float]:
-        """Means over the window and over ranks. The one host sync per logging window is here (.tolist())."""
-        keys = sorted(sums)
-        if not keys:
-            return {}
-        # diagnostics' timestep buckets may be empty on a step or a rank (NaN, trainer/diagnostics.py): they are
-        # averaged over the values present; every other NaN (a loss) stays NaN
-        sparse = torch.tensor([k.startswith("metrics/diagnostics/") for k in keys], device=self.dist.device)
-        per_key = [torch.stack([v.float().to(self.dist.device) for v in sums[k]]) for k in keys]
-        local = torch.stack([v.nanmean() if k.startswith("metrics/diagnostics/") else v.mean()
-                             for k, v in zip(keys, per_key)])
-        present = (~sparse | ~local.isnan()).float()
-        totals = torch.stack([torch.where(present > 0, local, torch.zeros_like(local)), present])
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        flat = torch.cat([totals[0] / totals[1], totals[1]]).tolist()   # one read for both
-        values, counts = flat[:len(keys)], flat[len(keys):]
-        return {k: v for k, v, count in zip(keys, values, counts) if count > 0}
+        """Means over the window and over ranks (trainer.monitor.reduce_window): the window's one host sync."""
+        return reduce_window(sums, self.dist.device)
 
     def run(self) -> None:
         with self.stops.installed():

@@ -18,7 +18,8 @@ def test_identical_critics_give_identical_sides(tmp_path, reading, loss_at_ident
     at 2 (|D| < 1) and the paired hinge at exactly 1; the diagnostics see accuracy 0.5 and input distance 0."""
     option = ("distill.method.adversarial_loss=paired_hinge" if reading == "paired_hinge"
               else f"distill.method.discriminator_input={reading}")
-    trainer = distill_trainer(tmp_path, "distill.method.name=adm", "distill.method.guidance_scale=1.0", option)
+    trainer = distill_trainer(tmp_path, "distill.method.name=adm", "distill.method.guidance_scale=1.0",
+                              "distill.method.gradient_penalty=0.0", option)
     ctx = trainer.make_context(0)
     x_t, t, u = trainer.method.noised_sample(ctx, ctx.generator_x0().detach())
     x_real, time_real = trainer.method.real_side(ctx, x_t, t, u)

@@ -214,3 +214,19 @@ def test_a_run_recorded_before_a_new_option_resumes_after_it(tmp_path):
     changed = load_recipe(SMOKE, [f"run.dir={run_dir}", "distill.method.dmd_weight=1.0"])
     with pytest.raises(RecipeError, match="distill.method.dmd_weight"):
         prepare_run_dir(changed, SMOKE)
+
+
+def test_another_method_keeps_none_of_the_base_methods_own_options(tmp_path):
+    """The toy default tunes ADM (gradient_penalty); a child recipe or `distill.method.name=dmd` runs DMD with the
+    options DMD has (guidance_scale carries over) and without ADM's own. Given with the new name, an option DMD lacks
+    is still an error, and so is a misspelt key under an unchanged name."""
+    assert load_recipe(SMOKE).distill.method.gradient_penalty > 0
+    dmd = load_recipe(SMOKE, ["distill.method.name=dmd"]).distill.method
+    assert dmd.name == "dmd" and dmd.guidance_scale == 2.0 and not hasattr(dmd, "gradient_penalty")
+    child = tmp_path / "dmd2.yaml"
+    child.write_text(f"base: {SMOKE}\ndistill:\n  method: {{name: dmd2, ttur: 3}}\n")
+    assert load_recipe(str(child)).distill.method.ttur == 3
+    with pytest.raises(RecipeError, match="distill.method.gradient_penalty"):
+        load_recipe(SMOKE, ["distill.method.name=dmd", "distill.method.gradient_penalty=1.0"])
+    with pytest.raises(RecipeError, match="distill.method.gradient_penaltyy"):
+        load_recipe(SMOKE, ["distill.method.gradient_penaltyy=1.0"])

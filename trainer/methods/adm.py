@@ -173,7 +173,9 @@ class ADM(DMD):
             features = self.heads_features(ctx, [x_real, x_fake], time, x_t, u)
         penalised = self.cfg.gradient_penalty > 0
         features = [f.detach().requires_grad_(penalised) for f in features]
-        logits = ctx.nets.heads(features)
+        # the heads get views, not the leaves: a module called on leaf tensors cannot be differentiated with
+        # autograd.grad under the planner's memory tracker (its backward hooks reject leaf nodes); a view is free
+        logits = ctx.nets.heads([f.view_as(f) for f in features] if penalised else features)
         real_logits, fake_logits = logits.chunk(2)
         if self.cfg.adversarial_loss == "paired_hinge":
             loss = paired_hinge_discriminator_loss(real_logits, fake_logits)

@@ -93,7 +93,8 @@ def bucket_elements(role_numel: int) -> int:
 
 class Zero3Backend(Backend):
     def __init__(self, dist_info, grad_clip: float = 10.0, ema_decay: float = 0.999, mixed_precision: str = "fp32",
-                 persistence_threshold: int = 0, sp: int = 1, plan: ParallelizePlan = ParallelizePlan()):
+                 persistence_threshold: int = 0, sp: int = 1, plan: ParallelizePlan = ParallelizePlan(),
+                 gathered_roles: frozenset = frozenset()):
         super().__init__(plan)
         if dist_info.device.type == "cpu":
             pin_mmap_threshold()   # else freed whole-module init tensors stay resident (see its docstring)
@@ -112,12 +113,15 @@ class Zero3Backend(Backend):
         # parameters below this many elements stay replicated (DeepSpeed's default 1e5); tests use 0 so that every
         # parameter is partitioned and per-rank bytes are exactly comparable
         self.persistence_threshold = persistence_threshold
+        # roles whose every parameter stays whole (persistent): a double backward (ADM's R1 through the heads) reads
+        # weights that a partitioned role would have released after the first one
+        self.gathered_roles = frozenset(gathered_roles)
         self.raw: dict[str, nn.Module] = {}
         self.engines: dict = {}
         self.ema_shards: list[torch.Tensor] = []
         self._flat_mesh = None   # 1-D mesh over every rank: the checkpoints' flat DTensors (built on first save/load)
 
-    def ds_config(self, trainable: bool, numel: int = BUCKET_CAP) -> dict:
+    def ds_config(self, trainable: bool, numel: int = BUCKET_CAP, persistent: bool = False) -> dict:
         # DeepSpeed's default reduce bucket is 5e8 elements: a 2 GB fp32 buffer per engine, whatever the role's
         # size (measured: 5.7 GB of temporaries for three tiny engines). Buckets are capped at the role's size and
         # at BUCKET_CAP elements (200 MB fp32); parallel/plan.py counts them.
@@ -128,7 +132,8 @@ class Zero3Backend(Backend):
                 # matmul + add, which rounds differently from torch's addmm (the equality test saw 1e-7 forward and
                 # 1.4e-5 DMD gradient differences) and changes every other module's linear too; ZeRO-3's hooks
                 # re-gather the weight for backward either way
-                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": self.persistence_threshold,
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold":
+                                          1 << 62 if persistent else self.persistence_threshold,
                                       "memory_efficient_linear": False,
                                       "contiguous_gradients": True, "overlap_comm": False,
                                       "reduce_bucket_size": bucket, "stage3_prefetch_bucket_size": bucket},
@@ -137,7 +142,7 @@ class Zero3Backend(Backend):
 
     # --- placement -------------------------------------------------------------------------------------------
     def build_role(self, role: str, build, source=None, trainable: bool = True) -> nn.Module:
-        with self.ds.zero.Init(config_dict_or_path=self.ds_config(trainable)):
+        with self.ds.zero.Init(config_dict_or_path=self.ds_config(trainable, persistent=role in self.gathered_roles)):
             module = build()
         # attention and activation checkpointing (parallel/parallelize.py); the role is partitioned already, and
         # ZeRO-3's hooks gather each submodule's parameters for its forward, its recompute and its backward
@@ -150,7 +155,8 @@ class Zero3Backend(Backend):
         self.raw[role] = self.modules[role] = module
         if not trainable:
             numel = sum(p.ds_numel for p in module.parameters())
-            engine, *_ = self.ds.initialize(model=module, config=self.ds_config(False, numel))
+            engine, *_ = self.ds.initialize(model=module, config=self.ds_config(False, numel,
+                                                                                role in self.gathered_roles))
             engine.eval()
             self.engines[role] = engine
         return module
@@ -164,7 +170,8 @@ class Zero3Backend(Backend):
                                       betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                       fused=True)   # fused: takes found_inf; LoRA: the adapters only
         numel = sum(p.ds_numel for p in module.parameters())
-        engine, *_ = self.ds.initialize(model=module, optimizer=optimizer, config=self.ds_config(True, numel))
+        engine, *_ = self.ds.initialize(model=module, optimizer=optimizer,
+                                        config=self.ds_config(True, numel, role in self.gathered_roles))
         self.engines[role] = engine
         # the warm-up schedule sets lr in the client optimizer's param groups; DeepSpeed's ZeRO-3 optimizer steps
         # that same optimizer on its fp32 partitions

@@ -203,7 +203,8 @@ def build_trainer(recipe, dist_info, family, backend=None, stage: str = "distill
     section = getattr(recipe, stage)
     method = build_method(section.method)
     train = section.train
-    backend = backend or build_backend(recipe.parallel, dist_info, family, train.grad_clip, train.ema_decay)
+    backend = backend or build_backend(recipe.parallel, dist_info, family, train.grad_clip, train.ema_decay,
+                                       method.gathered_roles)
     nets = assemble_roles(recipe, None, backend, family, method, section.optimizer, fresh=True)
     denoiser = build_denoiser(recipe)
     g = recipe.distill.generator
@@ -272,7 +273,8 @@ def trace_step(recipe, world_size: int, steps: int = 2, stage: str = "distill") 
         family = build_family(traced, planning=True)
         train = getattr(traced, stage).train
         # the backend (and its device mesh) is built outside fake mode: mesh set-up reads real tensors
-        backend = build_backend(traced.parallel, info, family, train.grad_clip, train.ema_decay)
+        backend = build_backend(traced.parallel, info, family, train.grad_clip, train.ema_decay,
+                                build_method(getattr(traced, stage).method).gathered_roles)
         with FakeTensorMode(allow_non_fake_inputs=True):
             trainer = build_trainer(traced, info, family, backend, stage)
             single_tensor_optimizers(backend)

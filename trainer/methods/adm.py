@@ -64,6 +64,10 @@ class ADMConfig(HeadOptions):
 class ADM(DMD):
     trains = ("generator", "fake_score", "heads")
 
+    @property
+    def gathered_roles(self) -> tuple[str, ...]:
+        return ("heads",) if self.cfg.gradient_penalty > 0 else ()   # R1 differentiates the heads twice
+
     def phases(self, step):
         phases = [Phase("fake_score", ("fake_score",), self.fake_score_loss)]
         if step % self.cfg.ttur == 0:

@@ -132,6 +132,12 @@ class Method(ABC):
         """Frozen roles the losses call (built from pretrained weights, never updated)."""
         return ("teacher",)
 
+    @property
+    def gathered_roles(self) -> tuple[str, ...]:
+        """Roles a sharded backend must keep gathered between their backward and their optimizer step (FSDP2 adds
+        them to `parallel.keep_gathered`): a double backward reads the gathered weights a first one would reshard."""
+        return ()
+
     def build_heads(self, family) -> nn.Module:
         """The `heads` role (methods with a discriminator; their configs are HeadOptions)."""
         return family.build_heads(self.cfg.head_hidden, self.cfg.head_norm, self.cfg.head_taps == "bottleneck")

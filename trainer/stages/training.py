@@ -39,7 +39,8 @@ def build_stage_trainer(recipe, run_dir: str, dist_info, stage: str = "distill")
     train = section.train
     if compile_enabled(recipe.parallel, dist_info.device.type):
         compile_cache_defaults(run_dir)   # before the first compilation reads the variables
-    backend = build_backend(recipe.parallel, dist_info, family, train.grad_clip, train.ema_decay)
+    backend = build_backend(recipe.parallel, dist_info, family, train.grad_clip, train.ema_decay,
+                            method.gathered_roles)
     nets = assemble_roles(recipe, run_dir, backend, family, method, section.optimizer,
                           generator_init_path(recipe, run_dir, stage))
     generator_cfg = recipe.distill.generator

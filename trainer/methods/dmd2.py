@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from trainer.guards import discriminator_accuracy
-from trainer.losses import denoising_loss, nonsaturating_discriminator_loss, nonsaturating_generator_loss
+from trainer.losses import nonsaturating_discriminator_loss, nonsaturating_generator_loss
 from trainer.methods.base import HeadOptions, LossOut, Phase, StepContext
 from trainer.methods.dmd import DMD, DMDConfig
 

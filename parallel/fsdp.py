@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -73,6 +74,26 @@ def reshard(module: nn.Module) -> None:
     for sub in module.modules():
         if isinstance(sub, FSDPModule):
             sub.reshard()
+
+
+def fsdp_params(module: nn.Module) -> list:
+    """FSDP2's per-parameter records (FSDPParam) of every unit in `module`: each holds the sharded DTensor and, while
+    its unit is gathered, the gathered copy. Private in torch 2.13 (`FSDPParamGroup.fsdp_params`; requirements.txt
+    pins torch): FSDP2 has no public way to reach the copy that is not registered on the module."""
+    records = []
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            group = sub._get_fsdp_state()._fsdp_param_group
+            records.extend(group.fsdp_params if group is not None else ())
+    return records
+
+
+def set_requires_grad(fsdp_param, flag: bool) -> None:
+    """On both copies: FSDP2 copies the shards' flag onto the gathered copy when it gathers and registers the shards
+    again when it reshards, so a flag set on the registered copy alone is lost at the next reshard or gather."""
+    fsdp_param.sharded_param.requires_grad_(flag)
+    if fsdp_param.sharded_state == ShardedState.UNSHARDED:
+        fsdp_param.unsharded_param.requires_grad_(flag)
 
 
 class FSDP2Backend(Backend):
@@ -149,11 +170,12 @@ class FSDP2Backend(Backend):
     # --- gathered weights --------------------------------------------------------------------------------------
     # `parallel.keep_gathered`: a role's units are resharded only when their gathered copy would be wrong, not after
     # every forward and backward: at the role's optimizer step (its gradients live on the shards, and the copy would
-    # go stale) and before its parameters' requires_grad changes (FSDP2 reads the flags when it gathers; toggled on a gathered copy they are lost at the
-    # next reshard). The teacher, never updated and always frozen, is then gathered once and kept; a fake score
-    # called 3 times a step (5 gathers) is gathered twice. Cost: the role's full weights stay on every rank between
-    # calls (the planner traces the same backend, so its plan includes them). Resharded before any state dict:
-    # a gathered module's state_dict holds the full tensors, not the shards.
+    # go stale) and before any state dict or checkpoint (a gathered module's state_dict holds the full tensors, not
+    # the shards). A phase boundary does not reshard: `frozen` sets the flags on both copies (set_requires_grad). The
+    # teacher, never updated, is then gathered once and kept; the fake score (trained, then frozen for the two
+    # later phases of an ADM step) and the heads (frozen, then trained) are gathered once per step each, as FSDP2
+    # must after an update. Cost: the role's full weights stay on every rank between calls (the planner traces the
+    # same backend, so its plan includes them).
     def reshard_role(self, role: str) -> None:
         reshard(self.modules[role])
 
@@ -163,15 +185,18 @@ class FSDP2Backend(Backend):
 
     @contextlib.contextmanager
     def frozen(self, modules: list[nn.Module]) -> Iterator[None]:
-        """Backend.frozen, resharding first each module whose flags change (see reshard_role): FSDP2 takes
-        requires_grad from the sharded parameters when it gathers."""
-        changing = [m for m in modules if any(p.requires_grad for p in m.parameters())]
-        for module in changing:
-            reshard(module)
-        with super().frozen(modules):
+        """Backend.frozen on both copies of each parameter (set_requires_grad), so a gathered role stays gathered
+        across a phase boundary: setting only the registered copy would lose the flag at the next reshard (the
+        shards keep theirs) or at the next gather (FSDP2 copies the shards' flags onto the gathered copy)."""
+        saved = [(record, record.sharded_param.requires_grad) for m in modules for record in fsdp_params(m)]
+        for record, _ in saved:
+            set_requires_grad(record, False)
+        try:
             yield
-            for module in changing:
-                reshard(module)
+        finally:
+            # a unit gathered inside the context has a gathered copy now: set_requires_grad reaches it too
+            for record, flag in saved:
+                set_requires_grad(record, flag)
 
     def setup_ema(self, role: str = "generator") -> None:
         named = list(self.modules[role].named_parameters())

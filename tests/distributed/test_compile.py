@@ -57,7 +57,11 @@ def test_gather_policies_train_as_the_default(tmp_path):
     """`parallel.reshard_after_forward: false` (it used to fail the first ADM backward: a role gathered by a forward
     without backward kept its gathered copy's requires_grad across a freeze), `parallel.keep_gathered` on every
     role and blocks grouped into one FSDP2 unit per role (`parallel.fsdp_min_unit_params`) train the tiny SDXL twin
-    as per-block units resharded per call do: the gather policies bit for bit, the grouped units to fp32 rounding."""
+    as per-block units resharded per call do: the gather policies bit for bit, the grouped units to fp32 rounding.
+    keep_gathered keeps a role gathered across phase boundaries: the fake score, frozen for the generator and
+    discriminator phases after its update, is gathered once for both and still gathered after the step (it used to
+    be resharded at each boundary, so gathered again per phase); the teacher stays gathered; the generator and the
+    heads are resharded by their optimizer steps."""
     result = compare(tmp_path, 1, "sdxl_tiny", {
         "no_reshard_after_forward": ["parallel.reshard_after_forward=false"],
         "keep_gathered": ["parallel.keep_gathered=[teacher,fake_score,generator,heads]"],
@@ -65,6 +69,7 @@ def test_gather_policies_train_as_the_default(tmp_path):
     for name in ("no_reshard_after_forward", "keep_gathered"):   # when to gather changes no arithmetic
         r = result[name]
         assert r["losses"] == 0.0 and all(v == 0.0 for v in r["grads"].values()), (name, r)
+    assert result["keep_gathered"]["gathered_after"] == ["fake_score", "teacher"], result["keep_gathered"]
     # one unit per role reduces each role's gradients as one flat buffer: fp32 rounding (1e-7 losses, 7e-6 heads)
     r = result["one_unit_per_role"]
     assert r["losses"] <= 1e-5 and all(v <= 1e-4 for v in r["grads"].values()), r

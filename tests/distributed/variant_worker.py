@@ -1,7 +1,8 @@
 """Worker for tests/distributed/test_compile.py: one tiny twin trained 3 ADM steps under FSDP2 as the recipe
 says, then again under each named variant (more overrides: `parallel.compile`, gather policies), same seed and
 weights; writes per variant the largest relative difference of the losses (3 steps), the relative difference of
-the step-0 gradients (per updated role and phase, as one vector, before clipping) and dynamo's graph-break count.
+the step-0 gradients (per updated role and phase, as one vector, before clipping), dynamo's graph-break count and
+the roles still gathered after the last step (every parameter registered whole, none a DTensor shard).
 
 Usage (python or torchrun): variant_worker.py OUT_JSON RECIPE VARIANTS_JSON [override ...]
     VARIANTS_JSON: {"name": ["override", ...], ...}
@@ -16,6 +17,7 @@ from parallel.runtime_env import apply_runtime_defaults  # noqa: E402
 apply_runtime_defaults()
 import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 from parallel.distributed import init_distributed  # noqa: E402
 from tests.helpers import recorded_steps  # noqa: E402
@@ -27,13 +29,16 @@ out, recipe_name, variants, *overrides = sys.argv[1:]
 info = init_distributed(need_group=True)
 
 
-def run(variant: list[str]) -> tuple[dict, dict]:
+def run(variant: list[str]) -> tuple[dict, dict, list[str]]:
     recipe = load_recipe(os.path.join(ROOT, "recipes", "tiny", f"{recipe_name}.yaml"), [
         "teacher.pretrained=org/variant-check", "parallel.backend=fsdp2", "parallel.compile=false", *overrides,
         *variant])
     torch.manual_seed(0)   # the same random weights on every rank and in both runs
     trainer = build_trainer(recipe, info, build_family(recipe, planning=True))
-    return recorded_steps(trainer, 3)
+    grads, losses = recorded_steps(trainer, 3)
+    gathered = sorted(role for role, module in trainer.nets.present().items()
+                      if not any(isinstance(p, DTensor) for p in module.parameters()))
+    return grads, losses, gathered
 
 
 def relative(a: dict, b: dict) -> float:
@@ -43,11 +48,11 @@ def relative(a: dict, b: dict) -> float:
     return (diff.norm() / torch.cat([a[n].flatten().double() for n in a]).norm().clamp_min(1e-30)).item()
 
 
-eager_grads, eager_losses = run([])
+eager_grads, eager_losses, _ = run([])
 result = {}
 for name, variant in json.loads(variants).items():
     counters.clear()
-    compiled_grads, compiled_losses = run(variant)
+    compiled_grads, compiled_losses, gathered = run(variant)
     result[name] = {
         "losses": max(abs(compiled_losses[s][k] - v) / max(abs(v), 1e-12)
                       for s, step in eager_losses.items() for k, v in step.items()),
@@ -55,6 +60,7 @@ for name, variant in json.loads(variants).items():
         "grads": {key: relative(eager_grads[key], compiled_grads[key]) for key in eager_grads},
         "graph_breaks": sum(counters["graph_break"].values()),
         "unique_graphs": counters["stats"].get("unique_graphs", 0),
+        "gathered_after": gathered,
     }
 if info.is_main:
     json.dump(result, open(out, "w"))

@@ -13,6 +13,12 @@ Per family, on one device:
   from torch.randn; the schedule maths is the project's denoiser (pure elementwise maths, the same in both).
 - Precision: CUDA: fp32 master weights under bf16 (FSDP2's bf16 policy for the trainer, bf16 autocast for the stock
   passes, frozen roles held in bf16 on both sides); CPU: fp32 both.
+- **ZeRO-3**: the same ADM step under `parallel.backend: zero3` (eager: compile is refused with ZeRO-3), by default
+  and with the teacher kept whole (`parallel.keep_gathered: [teacher]`: persistent parameters).
+- **DMD2 (TTUR 5)**: one generator update of DMD2 (5 steps: 5 critic updates, 1 generator update) beside one ADM
+  step (TTUR 1: one critic, one heads and one generator update), both FSDP2 eager, to state the TTUR economics per
+  generator update. DMD2's GAN reads real latents: a random `real_latents` stream is written to a temp folder (its
+  values change no cost).
 - Printed: ms per sample (host clocks on CPU; CUDA: wall with a synchronise at the end of the timed steps), the
   ratio to the stock passes, aten ops per step counted two ways (a TorchDispatchMode over one eager step: every op
   that reaches the dispatcher, ours, FSDP2's and the stock code's; and torch.profiler's aten events, nested ones
@@ -30,16 +36,20 @@ import gc
 import os
 import platform
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from parallel.runtime_env import apply_runtime_defaults  # noqa: E402
 apply_runtime_defaults()
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from data.parts import PartsWriter  # noqa: E402
+from data.schemas import EMBEDDING_PREFIX, columns, embedding_columns  # noqa: E402
 from parallel.distributed import init_distributed  # noqa: E402
 from trainer.config import load_recipe  # noqa: E402
 from trainer.denoiser import cat_conditions  # noqa: E402
@@ -139,6 +149,20 @@ def stock_step(t, ctx, optimizers: dict, ema: list, autocast) -> None:
     step("heads")
 
 
+def random_real_latents(folder: str, family, count: int) -> str:
+    """A `real_latents` stream of `count` random latents with random caption embeddings (data/schemas.py), the input
+    DMD2's GAN reads; random values cost what real ones do."""
+    rng = np.random.default_rng(0)
+    shapes = family.embedding_shapes()
+    writer = PartsWriter(folder, columns("real_latents", embedding_columns(shapes)), compression=None)
+    writer.write(0, ({"id": i, "latent": rng.standard_normal(family.data_shape).astype(np.float16),
+                      "caption": f"caption {i}", "label": -1,
+                      **{EMBEDDING_PREFIX + name: rng.standard_normal(shape).astype(np.float16)
+                         for name, shape in shapes.items()}} for i in range(count)))
+    writer.merge(1)
+    return folder
+
+
 def timed(fn, steps: int, cuda: bool) -> float:
     """Seconds per call of fn(step) over `steps` calls (after the caller's warm-up)."""
     if cuda:
@@ -189,11 +213,15 @@ def family_rows(name: str, args, info, cuda: bool) -> list[tuple[str, dict]]:
     path = os.path.join(ROOT, "recipes", "tiny", f"{recipe_name}.yaml")
     rows = []
 
-    def trainer_variant(label: str, extra: list[str]):
-        recipe = load_recipe(path, [*common, "parallel.backend=fsdp2", *extra])
+    def trainer_variant(label: str, extra: list[str], backend: str = "fsdp2", steps_per_call: int = 1):
+        """steps_per_call: train steps per timed call (a DMD2 generator update is `ttur` steps)."""
+        recipe = load_recipe(path, [*common, f"parallel.backend={backend}", *extra])
         t = build_trainer(recipe, info, build_family(recipe, planning=True))
-        rows.append((label, measure(lambda s: t.train_step(s, collections.defaultdict(list)), 0, args.steps, cuda,
-                                    count_dispatch="compile=true" not in extra[0])))
+
+        def call(s):
+            for k in range(steps_per_call):
+                t.train_step(s * steps_per_call + k, collections.defaultdict(list))
+        rows.append((label, measure(call, 0, args.steps, cuda, count_dispatch="parallel.compile=true" not in extra)))
         release(t)
 
     trainer_variant("trainer, FSDP2, eager", ["parallel.compile=false"])
@@ -204,6 +232,16 @@ def family_rows(name: str, args, info, cuda: bool) -> list[tuple[str, dict]]:
                      "parallel.fsdp_min_unit_params=1000000000"])
     trainer_variant(f"trainer, FSDP2, compiled ({args.compile_backend})",
                     ["parallel.compile=true", f"parallel.compile_backend={args.compile_backend}"])
+    trainer_variant("trainer, ZeRO-3, eager", ["parallel.compile=false"], backend="zero3")
+    trainer_variant("trainer, ZeRO-3, eager, teacher kept whole", ["parallel.compile=false",
+                                                                   "parallel.keep_gathered=[teacher]"], backend="zero3")
+    if not args.no_dmd2:
+        family = build_family(load_recipe(path, common), planning=True)
+        with tempfile.TemporaryDirectory() as folder:
+            real = random_real_latents(folder, family, 4 * args.batch * 5 * (args.steps + 3))
+            trainer_variant("trainer, FSDP2, eager, DMD2 (TTUR 5): one generator update = 5 steps",
+                            ["parallel.compile=false", "distill.method.name=dmd2", "distill.method.ttur=5",
+                             f"data.real_remote={real}"], steps_per_call=5)
     # the stock modules: a 1-rank data_parallel build holds each role plain (no wrapper, no hooks)
     recipe = load_recipe(path, [*common, "parallel.backend=data_parallel", "parallel.compile=false",
                                 "parallel.mixed_precision=fp32"])
@@ -227,7 +265,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--compile-backend", default=None, help="default: inductor (aot_eager with --smoke)")
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every code path (CI runs it)")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every code path")
+    parser.add_argument("--no-dmd2", action="store_true", help="skip the DMD2 row")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.smoke:
@@ -243,6 +282,7 @@ def main() -> int:
     print("| family | variant | first step s | ms / sample | ratio to stock | dispatched ops / step | ratio | "
           "profiled aten ops / step | ratio | peak GiB | GPU busy ms / sample |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    summaries = []
     for name in args.families:
         rows = family_rows(name, args, info, cuda)
         stock = rows[-1][1]
@@ -255,6 +295,27 @@ def main() -> int:
             print(f"| {name} | {label} | {r['first_s']:.1f} | {r['step_s'] * 1e3 / args.batch:.1f} | "
                   f"{r['step_s'] / stock['step_s']:.3f} | {dispatched} | {r['profiled']} | "
                   f"{r['profiled'] / stock['profiled']:.3f} | {peak} | {busy} |", flush=True)
+        summaries.append(summary(name, dict(rows)))
+    print("\n".join(summaries))
+    return 0
+
+
+def summary(name: str, rows: dict) -> str:
+    """The issue's figures in words: trainer / stock passes (eager, compiled), ADM / DMD2 per generator update."""
+    stock = rows["stock passes (plain modules, no wrapper)"]
+    eager = rows["trainer, FSDP2, eager, keep_gathered + one unit per role"]
+    compiled = next(r for label, r in rows.items() if "compiled" in label)
+    lines = [f"{name}: trainer / stock passes, ops per step: eager (keep_gathered, one unit per role) "
+             f"{eager['dispatched'] / stock['dispatched']:.3f} dispatched, {eager['profiled'] / stock['profiled']:.3f} "
+             f"profiled; compiled {compiled['profiled'] / stock['profiled']:.3f} profiled (target <= 1.10). "
+             f"Time: eager {eager['step_s'] / stock['step_s']:.3f}, compiled {compiled['step_s'] / stock['step_s']:.3f}."]
+    dmd2 = next((r for label, r in rows.items() if "DMD2" in label), None)
+    if dmd2 is not None:
+        adm = rows["trainer, FSDP2, eager"]
+        lines.append(f"{name}: per generator update, ADM (TTUR 1) / DMD2 (TTUR 5), FSDP2 eager: time "
+                     f"{adm['step_s'] / dmd2['step_s']:.3f}, profiled ops {adm['profiled'] / dmd2['profiled']:.3f}.")
+    return "\n".join(lines)
+
     return 0
 
 

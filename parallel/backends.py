@@ -29,8 +29,9 @@ def parallelize_plan(parallel_cfg, family, device_type: str = "cpu") -> Parallel
 def build_backend(parallel_cfg, dist_info, family, grad_clip: float, ema_decay: float,
                   gathered_roles: tuple[str, ...] = ()) -> Backend:
     """The backend named by `parallel.backend`, for this process group and model family. gathered_roles: the
-    method's roles kept whole: FSDP2 adds them to `parallel.keep_gathered`, ZeRO-3 makes their parameters
-    persistent (Method.gathered_roles)."""
+    method's roles kept whole (Method.gathered_roles). Both they and `parallel.keep_gathered` are kept gathered:
+    FSDP2 keeps their units gathered between calls, ZeRO-3 makes their parameters persistent."""
+    kept = frozenset(parallel_cfg.keep_gathered) | frozenset(gathered_roles)
     plan = parallelize_plan(parallel_cfg, family, dist_info.device.type)
     if parallel_cfg.backend == "data_parallel":
         return DataParallelBackend(dist_info, grad_clip=grad_clip, ema_decay=ema_decay, plan=plan)
@@ -38,7 +39,7 @@ def build_backend(parallel_cfg, dist_info, family, grad_clip: float, ema_decay: 
         return Zero3Backend(dist_info, grad_clip=grad_clip, ema_decay=ema_decay, sp=parallel_cfg.sp,
                             mixed_precision=parallel_cfg.mixed_precision,
                             persistence_threshold=parallel_cfg.zero3_persistence_threshold, plan=plan,
-                            gathered_roles=frozenset(gathered_roles))
+                            gathered_roles=kept)
     if parallel_cfg.backend == "fsdp2":
         dims = ParallelDims.resolve(dist_info.world_size, parallel_cfg.dp_replicate, parallel_cfg.dp_shard,
                                     parallel_cfg.sp)
@@ -46,6 +47,6 @@ def build_backend(parallel_cfg, dist_info, family, grad_clip: float, ema_decay: 
                             mixed_precision=parallel_cfg.mixed_precision,
                             reshard_after_forward=parallel_cfg.reshard_after_forward,
                             cpu_offload=parallel_cfg.cpu_offload, plan=plan,
-                            keep_gathered=frozenset(parallel_cfg.keep_gathered) | frozenset(gathered_roles),
+                            keep_gathered=kept,
                             min_unit_params=parallel_cfg.fsdp_min_unit_params)
     raise ValueError(f"unknown parallel backend '{parallel_cfg.backend}'")

@@ -114,7 +114,10 @@ class Zero3Backend(Backend):
         # parameter is partitioned and per-rank bytes are exactly comparable
         self.persistence_threshold = persistence_threshold
         # roles whose every parameter stays whole (persistent): a double backward (ADM's R1 through the heads) reads
-        # weights that a partitioned role would have released after the first one
+        # weights that a partitioned role would have released after the first one; `parallel.keep_gathered:
+        # [teacher]` gathers the frozen teacher once instead of per submodule call (an ADM step calls it 2-3 times,
+        # each call a gather of every submodule for forward and again for backward). Cost: its full weights on
+        # every rank, which the planner counts (trainer/memory_plan.py)
         self.gathered_roles = frozenset(gathered_roles)
         self.raw: dict[str, nn.Module] = {}
         self.engines: dict = {}

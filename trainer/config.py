@@ -167,7 +167,8 @@ class ParallelConfig(Section):
     fsdp_min_unit_params: int = Field(0, ge=0, description="fsdp2: blocks grouped into units of at least this many "
                                       "parameters (0: one unit per block; docs/parallelism.md)")
     keep_gathered: list[Literal["generator", "teacher", "fake_score", "heads"]] = Field(
-        default_factory=list, description="fsdp2: roles kept gathered between calls (docs/parallelism.md)")
+        default_factory=list, description="fsdp2: roles kept gathered between calls; zero3: [teacher] only, its "
+        "parameters persistent (whole on every rank) (docs/parallelism.md)")
     cpu_offload: bool = False
     gpu_memory_gib: Optional[float] = Field(
         None, gt=0, description="memory of one GPU; the planner (--dry-run) warns when its prediction exceeds it")

@@ -11,7 +11,8 @@ The roles are assembled by trainer/stages/roles.py and parallelized by parallel/
      parameter over the ranks + the largest layer, for bf16 mixed precision); for fp32 training, whose layout that
      estimator does not cover, 20 bytes per parameter (fp32 parameter, fp32 gradient and fp32 master partitions,
      two AdamW moments) + the largest layer. The frozen teacher: its parameter partitions (2 bytes bf16 / 4 fp32).
-     Parameters below `zero3_persistence_threshold` elements are counted whole on every rank (replicated).
+     Parameters below `zero3_persistence_threshold` elements, and every parameter of a role in `parallel.keep_gathered`
+     (persistent), are counted whole on every rank (replicated).
      DeepSpeed's contiguous reduce bucket per trainable engine and every engine's parameter prefetch bucket (each
      sized by parallel/zero3.py: the role's size, at most 5e7 elements) are added: prefetched parameters are
      gathered ahead of their module, which the FSDP2 trace does not see (measured on the tiny SDXL twin: 10.7 MiB
@@ -136,8 +137,10 @@ def model_states(recipe, world_size: int, roles: dict) -> list[RoleStates]:
             if role in trainable:
                 r.grads, r.optimizer = 4 * trained / shards, 8 * trained / shards
         elif p.backend == "zero3":
-            # parameters below the persistence threshold stay whole on every rank
-            small = sum(t.numel() for t in module.parameters() if t.numel() < p.zero3_persistence_threshold)
+            # parameters below the persistence threshold stay whole on every rank, and every one of a role kept
+            # gathered (persistent, parallel/zero3.py)
+            small = (numel if role in p.keep_gathered else
+                     sum(t.numel() for t in module.parameters() if t.numel() < p.zero3_persistence_threshold))
             big = numel - small
             largest = _largest_layer_numel(module)
             bf16 = p.mixed_precision == "bf16"
@@ -263,6 +266,7 @@ def trace_step(recipe, world_size: int, steps: int = 2, stage: str = "distill") 
     zero3 = traced.parallel.backend == "zero3"
     if zero3:
         traced.parallel.backend = "fsdp2"
+        traced.parallel.keep_gathered = []   # a ZeRO-3 role kept whole is counted in its model states
     saved_weights = (torch.autograd.graph.saved_tensors_hooks(_pack_whole_weights, lambda tensor: tensor) if zero3
                      else contextlib.nullcontext())
     need_group = traced.parallel.backend != "data_parallel" or world_size > 1

@@ -126,10 +126,18 @@ def check_recipe(recipe, path: str, provenance: dict | None = None) -> None:
         fail("parallel.backend", "dp_replicate / dp_shard / mixed_precision / cpu_offload / activation_checkpointing "
                                  "need a sharded backend",
              "set parallel.backend: fsdp2")
-    for key, value in (("keep_gathered", p.keep_gathered), ("fsdp_min_unit_params", p.fsdp_min_unit_params)):
-        if value and p.backend != "fsdp2":
-            fail(f"parallel.{key}", f"an FSDP2 setting; parallel.backend is {p.backend}",
-                 f"set parallel.backend: fsdp2, or drop parallel.{key}")
+    if p.fsdp_min_unit_params and p.backend != "fsdp2":
+        fail("parallel.fsdp_min_unit_params", f"an FSDP2 setting; parallel.backend is {p.backend}",
+             "set parallel.backend: fsdp2, or drop parallel.fsdp_min_unit_params")
+    if p.keep_gathered and p.backend == "data_parallel":
+        fail("parallel.keep_gathered", "data_parallel holds every role whole already",
+             "drop parallel.keep_gathered, or set parallel.backend: fsdp2 or zero3")
+    if p.backend == "zero3" and set(p.keep_gathered) - {"teacher"}:
+        # a trained role's checkpoint holds its partitions; made persistent, its layout would change between
+        # attempts that differ in this placement key
+        fail("parallel.keep_gathered", f"under zero3 only the frozen teacher can be kept whole, not "
+                                       f"{sorted(set(p.keep_gathered) - {'teacher'})}",
+             "set parallel.keep_gathered: [teacher], or parallel.backend: fsdp2")
     if p.compile and p.backend == "zero3":
         fail("parallel.compile", "torch.compile does not combine with ZeRO-3's per-submodule parameter hooks",
              "set parallel.backend: fsdp2, or leave parallel.compile unset (off under zero3)")

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.distributed.test_data_parallel import ENV, free_port
-from tests.helpers import ROOT
+from tests.helpers import ROOT, random_teacher, tiny_recipe
 
 WORKER = os.path.join(ROOT, "tests", "distributed", "variant_worker.py")
 BOUND = 1e-4
@@ -29,28 +29,29 @@ def compare(tmp_path, ranks: int, recipe: str, variants: dict, *overrides) -> di
     return json.loads(out.read_text())
 
 
-def check(r: dict, heads_bound: float = BOUND) -> None:
+def check(r: dict) -> None:
     assert r["graph_breaks"] == 0 and r["unique_graphs"] > 0, r
     assert r["loss_count"] == 9 and r["losses"] <= BOUND, r   # 3 steps x (fake score, discriminator, generator)
     assert set(r["grads"]) == {"fake_score/fake_score", "discriminator/heads", "generator/generator"}, r
     for key, value in r["grads"].items():
-        assert value <= (heads_bound if key == "discriminator/heads" else BOUND), (key, r)
+        assert value <= BOUND, (key, r)
 
 
-@pytest.mark.parametrize("recipe, ranks, backends, overrides", [
+@pytest.mark.parametrize("recipe, ranks, backend, overrides", [
     ("sdxl_tiny", 1, "aot_eager", ()),
-    # inductor: its kernels sum in another order (fp32 rounding, 1e-6 in the features). The heads' gradient is the
-    # difference of two nearly equal terms (ADM's real and fake inputs are one small ODE step apart), which
-    # magnifies that rounding: 5.8e-4 measured on SD3, 1.3e-5 on SDXL; the networks' own gradients stay <= 2e-5.
-    ("sd3_medium_tiny", 1, "aot_eager,inductor", ()),
+    # inductor: its kernels sum in another order (fp32 rounding, about 1e-6 in the features). The heads' gradient is
+    # the difference of the features of two inputs one ODE step of dt apart (ADM's real and fake sides), so that
+    # rounding is magnified by about 1/dt: 5.8e-4 on SD3 at its recipe's dt = T/64, 9e-5 at T/8, 3.7e-5 at T/4
+    # (the networks' own gradients stay <= 2e-5 at every dt). This case takes dt = T/4, so the bound measures the
+    # compiled kernels, not the cancellation. (SDXL at T/8: 1.3e-5, but 4 minutes of cold compilation.)
+    ("sd3_medium_tiny", 1, "inductor", ("distill.method.dt_frac=0.25",)),
     ("cogvideox_2b_tiny", 2, "aot_eager", ("parallel.sp=2", "family.height=48", "family.width=48")),
 ])
-def test_compiled_training_equals_eager(tmp_path, recipe, ranks, backends, overrides):
-    variants = {b: ["parallel.compile=true", f"parallel.compile_backend={b}"] for b in backends.split(",")}
+def test_compiled_training_equals_eager(tmp_path, recipe, ranks, backend, overrides):
+    variants = {backend: ["parallel.compile=true", f"parallel.compile_backend={backend}"]}
     result = compare(tmp_path, ranks, recipe, variants, *overrides)
     assert set(result) == set(variants)
-    for backend, r in result.items():
-        check(r, heads_bound=1e-3 if backend == "inductor" else BOUND)
+    check(result[backend])
 
 
 def test_gather_policies_train_as_the_default(tmp_path):
@@ -73,3 +74,16 @@ def test_gather_policies_train_as_the_default(tmp_path):
     # one unit per role reduces each role's gradients as one flat buffer: fp32 rounding (1e-7 losses, 7e-6 heads)
     r = result["one_unit_per_role"]
     assert r["losses"] <= 1e-5 and all(v <= 1e-4 for v in r["grads"].values()), r
+
+
+def test_zero3_keeps_the_teacher_whole_and_trains_as_the_default(tmp_path):
+    """`parallel.keep_gathered: [teacher]` under ZeRO-3 makes the frozen teacher's parameters persistent: whole after
+    the steps (they are released to their partitions by default) and the same training, bit for bit (the toy
+    smoke recipe, every parameter partitioned by default: persistence threshold 0)."""
+    teacher = random_teacher(tmp_path, tiny_recipe(tmp_path))
+    result = compare(tmp_path, 1, "toy_smoke", {"keep_teacher": ["parallel.keep_gathered=[teacher]"]},
+                     f"teacher.pretrained={teacher}", "family.hidden=32", "parallel.backend=zero3",
+                     "parallel.zero3_persistence_threshold=0")
+    r = result["keep_teacher"]
+    assert r["losses"] == 0.0 and r["grads"] and all(v == 0.0 for v in r["grads"].values()), r
+    assert "teacher" in r["gathered_after"] and "teacher" not in r["gathered_after_default"], r

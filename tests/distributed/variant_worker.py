@@ -2,7 +2,8 @@
 says, then again under each named variant (more overrides: `parallel.compile`, gather policies), same seed and
 weights; writes per variant the largest relative difference of the losses (3 steps), the relative difference of
 the step-0 gradients (per updated role and phase, as one vector, before clipping), dynamo's graph-break count and
-the roles still gathered after the last step (every parameter registered whole, none a DTensor shard).
+the roles still gathered after the last step (every parameter whole: none a DTensor shard under FSDP2,
+none released to its partition under ZeRO-3).
 
 Usage (python or torchrun): variant_worker.py OUT_JSON RECIPE VARIANTS_JSON [override ...]
     VARIANTS_JSON: {"name": ["override", ...], ...}
@@ -29,6 +30,11 @@ out, recipe_name, variants, *overrides = sys.argv[1:]
 info = init_distributed(need_group=True)
 
 
+def partitioned(param) -> bool:
+    """FSDP2: registered as a DTensor shard; ZeRO-3: its data released to the partition (ds_status NOT_AVAILABLE)."""
+    return isinstance(param, DTensor) or getattr(getattr(param, "ds_status", None), "name", "") == "NOT_AVAILABLE"
+
+
 def run(variant: list[str]) -> tuple[dict, dict, list[str]]:
     recipe = load_recipe(os.path.join(ROOT, "recipes", "tiny", f"{recipe_name}.yaml"), [
         "teacher.pretrained=org/variant-check", "parallel.backend=fsdp2", "parallel.compile=false", *overrides,
@@ -37,7 +43,7 @@ def run(variant: list[str]) -> tuple[dict, dict, list[str]]:
     trainer = build_trainer(recipe, info, build_family(recipe, planning=True))
     grads, losses = recorded_steps(trainer, 3)
     gathered = sorted(role for role, module in trainer.nets.present().items()
-                      if not any(isinstance(p, DTensor) for p in module.parameters()))
+                      if not any(partitioned(p) for p in module.parameters()))
     return grads, losses, gathered
 
 
@@ -48,7 +54,7 @@ def relative(a: dict, b: dict) -> float:
     return (diff.norm() / torch.cat([a[n].flatten().double() for n in a]).norm().clamp_min(1e-30)).item()
 
 
-eager_grads, eager_losses, _ = run([])
+eager_grads, eager_losses, eager_gathered = run([])
 result = {}
 for name, variant in json.loads(variants).items():
     counters.clear()
@@ -61,6 +67,7 @@ for name, variant in json.loads(variants).items():
         "graph_breaks": sum(counters["graph_break"].values()),
         "unique_graphs": counters["stats"].get("unique_graphs", 0),
         "gathered_after": gathered,
+        "gathered_after_default": eager_gathered,
     }
 if info.is_main:
     json.dump(result, open(out, "w"))

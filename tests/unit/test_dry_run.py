@@ -72,3 +72,17 @@ def test_in_loop_evaluation_models_are_planned(tmp_path, capsys):
     assert row.numel == expected and row.params == 4 * expected
     assert plan.total >= plan_memory(recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"every": 0})}),
                                       2, trace=False).total + row.params
+
+
+def test_a_zero3_teacher_kept_whole_is_planned_whole():
+    """`parallel.keep_gathered: [teacher]` under ZeRO-3 (persistent parameters): the plan holds the teacher's every
+    parameter on each of 4 ranks (bf16: 2 bytes each; DeepSpeed's gathered layer and prefetch bucket are there
+    either way), where the default holds a quarter (persistence threshold 0: no parameter is whole by default)."""
+    from trainer.memory_plan import plan_memory   # imports the planner's model classes (seconds): this test only
+    settings = ["teacher.pretrained=org/planning-only", "parallel.backend=zero3", "parallel.mixed_precision=bf16",
+                "parallel.zero3_persistence_threshold=0"]
+    path = os.path.join(ROOT, "recipes", "tiny", "sdxl_tiny.yaml")
+    default, kept = (next(r for r in plan_memory(load_recipe(path, [*settings, *extra]), 4, trace=False).roles
+                          if r.role == "teacher") for extra in ([], ["parallel.keep_gathered=[teacher]"]))
+    assert kept.params - default.params == 2 * default.numel * 3 / 4 > 0
+    assert kept.buffers == default.buffers

@@ -122,6 +122,7 @@ class Zero3Backend(Backend):
         self.raw: dict[str, nn.Module] = {}
         self.engines: dict = {}
         self.ema_shards: list[torch.Tensor] = []
+        self.ema_sources: list[torch.Tensor] = []
         self._flat_mesh = None   # 1-D mesh over every rank: the checkpoints' flat DTensors (built on first save/load)
 
     def ds_config(self, trainable: bool, numel: int = BUCKET_CAP, persistent: bool = False) -> dict:
@@ -239,11 +240,15 @@ class Zero3Backend(Backend):
 
     def setup_ema(self, role: str = "generator") -> None:
         self.ema_role = role
-        self.ema_shards = [t.detach().float().clone() for t in self._local_fp32(role)]
+        # views into DeepSpeed's flat fp32 partitions, taken once: the optimizer updates and load_state restores
+        # those buffers in place. Asked per step, DeepSpeed's accessor synchronises its reduce stream with the host
+        # once per parameter on CUDA (_get_fp32_opt_state_partition) and dispatches ~10 view ops per parameter.
+        self.ema_sources = self._local_fp32(role)
+        self.ema_shards = [t.detach().float().clone() for t in self.ema_sources]
 
     @torch.no_grad()
     def ema_update(self, role: str = "generator") -> None:
-        torch._foreach_lerp_(self.ema_shards, [t.float() for t in self._local_fp32(role)], 1.0 - self.ema_decay)
+        torch._foreach_lerp_(self.ema_shards, [t.float() for t in self.ema_sources], 1.0 - self.ema_decay)
 
     # --- state -----------------------------------------------------------------------------------------------
     def full_state(self, role: str) -> dict[str, torch.Tensor]:

@@ -6,10 +6,14 @@ Counted with a TorchDispatchMode, so every op that reaches the dispatcher is see
 FSDP2, DeepSpeed): `aten::_local_scalar_dense` (what `.item()`, `bool(tensor)`, `float(tensor)` dispatch to),
 `aten::is_nonzero` / `aten::equal` (a tensor read as a Python bool), and the ops whose output shape depends on the
 data (nonzero, masked_select, unique, boolean indexing), which must read the data on the host to size their output.
+Under ZeRO-3 it also counts calls of DeepSpeed's fp32-partition accessor (`_get_fp32_opt_state_partition`, behind
+`safe_get_local_fp32_param`), which synchronises its reduce stream with the host on CUDA: invisible to a dispatch
+mode, and on the CPU a no-op.
 
 Usage: host_sync_worker.py OUT_JSON
 """
 import collections
+import contextlib
 import json
 import os
 import sys
@@ -81,10 +85,32 @@ def build(backend: str):
 
 
 def count(trainer, steps) -> dict:
-    with HostSyncCounter() as counter:
+    counter = HostSyncCounter()
+    with counter, deepspeed_stream_syncs(trainer, counter):
         for step in steps:
             trainer.train_step(step, collections.defaultdict(list))
     return {"counts": dict(counter.counts), "stacks": counter.first_stack}
+
+
+@contextlib.contextmanager
+def deepspeed_stream_syncs(trainer, counter):
+    """Counts the ZeRO-3 optimizers' calls of their stream-synchronising fp32 accessor into `counter`."""
+    optimizers = [engine.optimizer for engine in getattr(trainer.backend, "engines", {}).values()
+                  if hasattr(engine.optimizer, "_get_fp32_opt_state_partition")]
+    for optimizer in optimizers:
+        accessor = optimizer._get_fp32_opt_state_partition
+
+        def spy(*args, accessor=accessor, **kwargs):
+            key = "deepspeed _get_fp32_opt_state_partition (CUDA: stream synchronize)"
+            counter.counts[key] += 1
+            counter.first_stack.setdefault(key, "".join(traceback.format_stack(limit=12)[:-1]))
+            return accessor(*args, **kwargs)
+        optimizer._get_fp32_opt_state_partition = spy
+    try:
+        yield
+    finally:
+        for optimizer in optimizers:
+            del optimizer._get_fp32_opt_state_partition
 
 
 def read_on_host(module, args, output):

@@ -14,7 +14,8 @@ Per family, on one device:
 - Precision: CUDA: fp32 master weights under bf16 (FSDP2's bf16 policy for the trainer, bf16 autocast for the stock
   passes, frozen roles held in bf16 on both sides); CPU: fp32 both.
 - **ZeRO-3**: the same ADM step under `parallel.backend: zero3` (eager: compile is refused with ZeRO-3), by default
-  and with the teacher kept whole (`parallel.keep_gathered: [teacher]`: persistent parameters).
+  and with the teacher kept whole (`parallel.keep_gathered: [teacher]`: persistent parameters); on the tiny twins
+  with persistence threshold 0, since all their parameters are below the default one.
 - **DMD2 (TTUR 5)**: one generator update of DMD2 (5 steps: 5 critic updates, 1 generator update) beside one ADM
   step (TTUR 1: one critic, one heads and one generator update), both FSDP2 eager, to state the TTUR economics per
   generator update. DMD2's GAN reads real latents: a random `real_latents` stream is written to a temp folder (its
@@ -232,9 +233,12 @@ def family_rows(name: str, args, info, cuda: bool) -> list[tuple[str, dict]]:
                      "parallel.fsdp_min_unit_params=1000000000"])
     trainer_variant(f"trainer, FSDP2, compiled ({args.compile_backend})",
                     ["parallel.compile=true", f"parallel.compile_backend={args.compile_backend}"])
-    trainer_variant("trainer, ZeRO-3, eager", ["parallel.compile=false"], backend="zero3")
-    trainer_variant("trainer, ZeRO-3, eager, teacher kept whole", ["parallel.compile=false",
-                                                                   "parallel.keep_gathered=[teacher]"], backend="zero3")
+    # the tiny twins' parameters are all below ZeRO-3's default persistence threshold (1e5 elements), so they would
+    # all stay whole; threshold 0 partitions them, as a full-size model's large parameters are
+    zero3 = ["parallel.compile=false", *([] if cuda else ["parallel.zero3_persistence_threshold=0"])]
+    trainer_variant("trainer, ZeRO-3, eager", zero3, backend="zero3")
+    trainer_variant("trainer, ZeRO-3, eager, teacher kept whole", [*zero3, "parallel.keep_gathered=[teacher]"],
+                    backend="zero3")
     if not args.no_dmd2:
         family = build_family(load_recipe(path, common), planning=True)
         with tempfile.TemporaryDirectory() as folder:

@@ -334,7 +334,33 @@ def plan_memory(recipe, world_size: int, trace: bool = True, traced_peak: float 
                           f"traced peak {peak / GIB:.3f} GiB")
     else:
         plan.notes.append("activations not traced (--no-trace)")
+    if "teacher" in roles:
+        suggest_keeping_the_teacher(plan, recipe, roles["teacher"])
     return plan
+
+
+def suggest_keeping_the_teacher(plan: MemoryPlan, recipe, teacher_module) -> None:
+    """The gather policy for the frozen teacher, planner-aware: a sharded teacher is gathered at every call (2-3 per
+    ADM step, forward and backward); `parallel.keep_gathered: [teacher]` gathers it once for the run, at the cost of
+    its whole weights on every rank. The note gives that cost and, with `gpu_memory_gib`, whether it still fits."""
+    teacher = next((r for r in plan.roles if r.role == "teacher"), None)
+    if teacher is None or plan.backend == "data_parallel" or "teacher" in recipe.parallel.keep_gathered:
+        return
+    if plan.backend == "zero3":   # its model states count a kept role whole (persistent parameters)
+        kept = recipe.model_copy(deep=True)
+        kept.parallel.keep_gathered = [*kept.parallel.keep_gathered, "teacher"]
+        extra = model_states(kept, plan.world_size, {"teacher": teacher_module})[0].total - teacher.total
+    else:   # FSDP2: the kept copy shows in the traced step, not in the model states
+        extra = (2 if recipe.parallel.mixed_precision == "bf16" else 4) * teacher.numel - teacher.params
+    if extra <= 0:
+        return
+    fits = ""
+    if plan.gpu_memory_gib is not None:
+        total = plan.total + extra
+        fits = (f", {total / GIB:.2f} GiB in all: "
+                f"{'fits' if total <= plan.gpu_memory_gib * GIB else 'does NOT fit'} in {plan.gpu_memory_gib:g} GiB")
+    plan.notes.append(f"parallel.keep_gathered: [teacher] would gather the frozen teacher once instead of at every "
+                      f"call, for +{extra / GIB:.3f} GiB per rank{fits}")
 
 
 def add_in_loop_evaluation(plan: MemoryPlan, recipe, family, generator) -> None:

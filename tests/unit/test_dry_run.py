@@ -86,3 +86,21 @@ def test_a_zero3_teacher_kept_whole_is_planned_whole():
                           if r.role == "teacher") for extra in ([], ["parallel.keep_gathered=[teacher]"]))
     assert kept.params - default.params == 2 * default.numel * 3 / 4 > 0
     assert kept.buffers == default.buffers
+
+
+def test_the_plan_prices_keeping_the_teacher_gathered():
+    """The default plan (teacher sharded, re-gathered per call) names the gather policy that avoids it and its cost:
+    the teacher's whole bf16 weights minus the quarter each of 4 ranks holds; a plan that keeps it says nothing."""
+    from trainer.memory_plan import plan_memory   # imports the planner's model classes (seconds): this test only
+    path = os.path.join(ROOT, "recipes", "tiny", "sdxl_tiny.yaml")
+    for backend in ("fsdp2", "zero3"):
+        settings = ["teacher.pretrained=org/planning-only", f"parallel.backend={backend}",
+                    "parallel.mixed_precision=bf16", "parallel.zero3_persistence_threshold=0",
+                    "parallel.gpu_memory_gib=0.001"]
+        plan = plan_memory(load_recipe(path, settings), 4, trace=False)
+        teacher = next(r for r in plan.roles if r.role == "teacher")
+        note = next(n for n in plan.notes if n.startswith("parallel.keep_gathered: [teacher]"))
+        assert f"+{2 * teacher.numel * 3 / 4 / 2**30:.3f} GiB per rank" in note, note
+        assert "does NOT fit in 0.001 GiB" in note, note
+        kept = plan_memory(load_recipe(path, [*settings, "parallel.keep_gathered=[teacher]"]), 4, trace=False)
+        assert not any("keep_gathered" in n for n in kept.notes), kept.notes

@@ -11,8 +11,7 @@ The roles are assembled by trainer/stages/roles.py and parallelized by parallel/
      parameter over the ranks + the largest layer, for bf16 mixed precision); for fp32 training, whose layout that
      estimator does not cover, 20 bytes per parameter (fp32 parameter, fp32 gradient and fp32 master partitions,
      two AdamW moments) + the largest layer. The frozen teacher: its parameter partitions (2 bytes bf16 / 4 fp32).
-     Parameters below `zero3_persistence_threshold` elements, and every parameter of a role in `parallel.keep_gathered`
-     (persistent), are counted whole on every rank (replicated).
+     Parameters below `zero3_persistence_threshold` elements and a kept role's (`keep_gathered`) are counted whole.
      DeepSpeed's contiguous reduce bucket per trainable engine and every engine's parameter prefetch bucket (each
      sized by parallel/zero3.py: the role's size, at most 5e7 elements) are added: prefetched parameters are
      gathered ahead of their module, which the FSDP2 trace does not see (measured on the tiny SDXL twin: 10.7 MiB
@@ -137,8 +136,7 @@ def model_states(recipe, world_size: int, roles: dict) -> list[RoleStates]:
             if role in trainable:
                 r.grads, r.optimizer = 4 * trained / shards, 8 * trained / shards
         elif p.backend == "zero3":
-            # parameters below the persistence threshold stay whole on every rank, and every one of a role kept
-            # gathered (persistent, parallel/zero3.py)
+            # parameters below the persistence threshold, and a kept role's (persistent), stay whole on every rank
             small = (numel if role in p.keep_gathered else
                      sum(t.numel() for t in module.parameters() if t.numel() < p.zero3_persistence_threshold))
             big = numel - small
@@ -334,18 +332,16 @@ def plan_memory(recipe, world_size: int, trace: bool = True, traced_peak: float 
                           f"traced peak {peak / GIB:.3f} GiB")
     else:
         plan.notes.append("activations not traced (--no-trace)")
-    if "teacher" in roles:
-        suggest_keeping_the_teacher(plan, recipe, roles["teacher"])
+    suggest_keeping_the_teacher(plan, recipe, roles.get("teacher"))
     return plan
 
 
 def suggest_keeping_the_teacher(plan: MemoryPlan, recipe, teacher_module) -> None:
-    """The gather policy for the frozen teacher, planner-aware: a sharded teacher is gathered at every call (2-3 per
-    ADM step, forward and backward); `parallel.keep_gathered: [teacher]` gathers it once for the run, at the cost of
-    its whole weights on every rank. The note gives that cost and, with `gpu_memory_gib`, whether it still fits."""
-    teacher = next((r for r in plan.roles if r.role == "teacher"), None)
-    if teacher is None or plan.backend == "data_parallel" or "teacher" in recipe.parallel.keep_gathered:
+    """A note pricing `parallel.keep_gathered: [teacher]` (a sharded teacher is gathered at every call, 2-3 per ADM
+    step; kept, once per run): its whole weights per rank and, with `gpu_memory_gib`, whether the plan still fits."""
+    if teacher_module is None or plan.backend == "data_parallel" or "teacher" in recipe.parallel.keep_gathered:
         return
+    teacher = next(r for r in plan.roles if r.role == "teacher")
     if plan.backend == "zero3":   # its model states count a kept role whole (persistent parameters)
         kept = recipe.model_copy(deep=True)
         kept.parallel.keep_gathered = [*kept.parallel.keep_gathered, "teacher"]
@@ -354,11 +350,9 @@ def suggest_keeping_the_teacher(plan: MemoryPlan, recipe, teacher_module) -> Non
         extra = (2 if recipe.parallel.mixed_precision == "bf16" else 4) * teacher.numel - teacher.params
     if extra <= 0:
         return
-    fits = ""
-    if plan.gpu_memory_gib is not None:
-        total = plan.total + extra
-        fits = (f", {total / GIB:.2f} GiB in all: "
-                f"{'fits' if total <= plan.gpu_memory_gib * GIB else 'does NOT fit'} in {plan.gpu_memory_gib:g} GiB")
+    total, limit = plan.total + extra, plan.gpu_memory_gib
+    fits = ("" if limit is None else f", {total / GIB:.2f} GiB in all: "
+            f"{'fits' if total <= limit * GIB else 'does NOT fit'} in {limit:g} GiB")
     plan.notes.append(f"parallel.keep_gathered: [teacher] would gather the frozen teacher once instead of at every "
                       f"call, for +{extra / GIB:.3f} GiB per rank{fits}")
 

@@ -2,7 +2,7 @@
 import torch
 
 from data.toy import ToyStream, load_toy
-from parallel.randomness import StepRandom, counter_normal, derive_seed, sample_indices
+from parallel.randomness import StepRandom, _mix32, counter_normal, derive_seed, sample_indices
 
 
 def test_two_ranks_draw_what_one_rank_draws():
@@ -47,6 +47,23 @@ def test_derive_seed_is_stable():
     assert derive_seed(0, 1, "x") == 7004349269625516065
     assert derive_seed(0, 1, "x") != derive_seed(1, 0, "x")
     assert 0 <= derive_seed(2**40, -1, "purpose") < 2**63
+
+
+def test_the_tensor_hash_is_lowbias32_exactly():
+    """The device hash equals lowbias32 computed on Python integers (its published definition: multiply mod 2^32)
+    over the edges of [0, 2^32) and random words: changing how the tensor ops reach it changes no draw."""
+    mask = 0xFFFFFFFF
+
+    def lowbias32(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & mask
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & mask
+        return x ^ (x >> 16)
+
+    words = [0, 1, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1,
+             *torch.randint(0, 2**32, (4096,), generator=torch.Generator().manual_seed(0)).tolist()]
+    assert _mix32(torch.tensor(words, dtype=torch.int64)).tolist() == [lowbias32(w) for w in words]
 
 
 def test_toy_stream_is_a_pure_function_of_sample_index():

@@ -115,6 +115,7 @@ class FSDP2Backend(Backend):
         self.keep_gathered = frozenset(keep_gathered)   # roles whose weights stay gathered between calls (below)
         self.min_unit_params = min_unit_params          # blocks grouped into units of at least this many (fsdp_groups)
         self.ema_shards: list[torch.Tensor] = []
+        self.ema_sources: list[torch.Tensor] = []
         self.ema_names: list[str] = []
 
     # --- placement -------------------------------------------------------------------------------------------
@@ -203,6 +204,7 @@ class FSDP2Backend(Backend):
         self.ema_names = [n for n, _ in named]
         self.ema_params = [p for _, p in named]
         self.ema_shards = [p.detach().to_local().float().clone() for p in self.ema_params]
+        self.ema_sources = []   # the fp32 master shards, as plain tensors: taken at the first update (ema_update)
 
     def warm_up(self, example_inputs: dict) -> None:
         """bf16 only: a no_grad forward of each trainable role while trainable, so FSDP2's lazy init records the
@@ -236,7 +238,13 @@ class FSDP2Backend(Backend):
 
     @torch.no_grad()
     def ema_update(self, role: str = "generator") -> None:
-        torch._foreach_lerp_(self.ema_shards, [p.to_local().float() for p in self.ema_params], 1.0 - self.ema_decay)
+        # The masters' local shards are taken once, after the first forward (FSDP2's lazy init may re-pad a shard),
+        # and again after a load; the optimizer updates them in place. `to_local()` per parameter per step cost two
+        # view ops each (292 dispatched ops a step on the tiny SDXL twin). Trainable roles keep fp32 masters, so
+        # they are the same dtype as the EMA (a mismatch would make the foreach lerp raise, not drift).
+        if not self.ema_sources:
+            self.ema_sources = [p.to_local() for p in self.ema_params]
+        torch._foreach_lerp_(self.ema_shards, self.ema_sources, 1.0 - self.ema_decay)
 
     def full_grads(self, role: str) -> dict[str, torch.Tensor]:
         self.reshard_role(role)
@@ -282,4 +290,5 @@ class FSDP2Backend(Backend):
             set_state_dict(self.modules[role], opt, model_state_dict=entry["model"], optim_state_dict=entry["optim"])
             restore_schedule(self.schedulers[role], int(entry["scheduler_steps"]))
         torch.set_rng_state(state["torch_rng"])
+        self.ema_sources = []   # DCP may have replaced a master shard: take them again at the next update
 

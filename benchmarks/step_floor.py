@@ -320,8 +320,6 @@ def summary(name: str, rows: dict) -> str:
                      f"{adm['step_s'] / dmd2['step_s']:.3f}, profiled ops {adm['profiled'] / dmd2['profiled']:.3f}.")
     return "\n".join(lines)
 
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,7 +29,6 @@ OVERRIDES = ["teacher.pretrained=stabilityai/sdxl-benchmark-only", "parallel.zer
 
 
 def worker(recipe_path: str, out: str, steps: int, overrides: list[str]) -> None:
-    import torch
     from parallel.distributed import init_distributed
     from trainer.memory_plan import _StepTracker, build_trainer
     from trainer.config import load_recipe

@@ -15,7 +15,6 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 
-import numpy as np
 import torch
 from sklearn.datasets import load_digits
 

@@ -381,7 +381,7 @@ def load_partitions(module: nn.Module, source) -> None:
     """Copy each ZeRO-3 parameter's local partition (a contiguous range of the flattened tensor, padded at the
     end) from the source; nothing else is read and nothing is communicated."""
     check_keys(module, source)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     with torch.no_grad():
         for name, param in module.named_parameters():
             local = param.ds_tensor          # [partition_numel], this rank's slice (zero padded past ds_numel)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from tests.helpers import ROOT, SMOKE

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from tests.helpers import ROOT, random_teacher, tiny_recipe
 

@@ -6,7 +6,6 @@ import torch
 from tests.helpers import pretrain_trainer, tiny_recipe
 from trainer.config import RecipeError
 from trainer.losses import hinge_discriminator_loss, hinge_generator_loss
-from trainer.methods.adp import ADP
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ def write(tmp_path, name, text):
 
 
 def test_base_inheritance_and_overrides(tmp_path):
-    base = write(tmp_path, "base.yaml", "run: {dir: a, seed: 3}\ndistill:\n  train: {steps: 7, batch_size: 4}\n")
+    write(tmp_path, "base.yaml", "run: {dir: a, seed: 3}\ndistill:\n  train: {steps: 7, batch_size: 4}\n")
     child = write(tmp_path, "child.yaml", "base: base.yaml\ndistill:\n  train: {steps: 9}\n")
     r = load_recipe(child, ["distill.method.name=dmd2", "distill.method.ttur=3", "run.seed=11"])
     assert r.run.dir == "a" and r.run.seed == 11

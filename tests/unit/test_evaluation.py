@@ -1,6 +1,5 @@
 """Evaluation pieces: metrics on real data are sane, and both PNG renderings draw what they are given."""
 import numpy as np
-import torch
 
 from data.toy import load_toy
 from trainer.evaluation import frechet_distance, grid_modes, precision_recall, sample_grid_png

@@ -1,7 +1,6 @@
 """Gradient accumulation (`train.micro_batch_size`): one process with micro-batches runs the same per-sample math as
 one full-batch pass, so gradients and losses agree to float rounding; micro-batches are dealt like ranks (position i to micro-batch i % count)."""
 import pytest
-import torch
 
 from tests.helpers import distill_trainer
 

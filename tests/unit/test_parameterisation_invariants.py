@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from trainer.denoiser import Denoiser, Prediction, apply_cfg
+from trainer.denoiser import Denoiser, apply_cfg
 from trainer.schedules import (DDPMSchedule, FlowSchedule, cubic_timesteps, rescale_zero_terminal_snr,
                                scaled_linear_alphas_cumprod, shift_sigma, shift_snr)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch.nn.functional as F
-from pydantic import Field
 
 from trainer.methods.base import LossOut, Method, Phase, StepContext
 from trainer.sampling import student_predict
